@@ -1,0 +1,955 @@
+"""Soft Actor-Critic for continuous control: config, replay buffers, networks, agent, checkpoints.
+
+Everything a test or an experiment wants to call lives here; `train.py` and `visualize.py` are thin
+scripts around it. The algorithm follows Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and
+Applications": twin critics with target copies, a tanh-squashed Gaussian policy and a learned
+temperature.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import dataclasses
+import math
+import os
+import platform
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "sac-checkpoint"
+CHECKPOINT_VERSION = 1
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+PRIORITY_EPS = 1e-6
+RUNS_DIR = Path("runs")
+CHECKPOINTS_DIR = Path("checkpoints")
+
+
+class SACError(Exception):
+    """A problem the scripts report as one line and a non-zero exit, without a traceback."""
+
+
+class ConfigError(SACError):
+    """Invalid flags, values or environment."""
+
+
+class CheckpointError(SACError):
+    """A file that is missing, unreadable, foreign or does not fit the environment."""
+
+
+class TrainingDivergedError(SACError):
+    """A loss, Q value, TD error or parameter became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A config field whose help text (and argparse extras) become its command-line flag."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class SACConfig:
+    """Every default of the repository, in one place; each field is a flag of train.py."""
+
+    env: str = _option("LunarLanderContinuous-v3", "gymnasium environment id (Box observations and actions)")
+    seed: int = _option(0, "seeds python, numpy, torch, the env and its action space")
+    episodes: int = _option(1000, "number of training episodes")
+    max_steps: int | None = _option(None, "time limit of one episode in env steps (default: the env's own, 1000 for "
+                                          "LunarLander); a cut is bootstrapped, never treated as terminal")
+    total_steps: int | None = _option(None, "optional cap on the total number of env steps")
+    hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
+    layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
+    buffer: str = _option("prioritized", "replay buffer", choices=("prioritized", "uniform"))
+    buffer_size: int = _option(1_000_000, "replay capacity (transitions)")
+    batch_size: int = _option(256, "transitions per gradient step")
+    gamma: float = _option(0.99, "discount factor")
+    tau: float = _option(0.005, "soft target update factor, applied after every gradient step")
+    lr_actor: float = _option(3e-4, "Adam learning rate of the policy")
+    lr_critic: float = _option(3e-4, "Adam learning rate of the critics")
+    lr_alpha: float = _option(3e-4, "Adam learning rate of the temperature")
+    init_alpha: float = _option(0.2, "initial entropy temperature; log alpha is learned")
+    start_steps: int = _option(10_000, "env steps of uniform random actions before the policy acts")
+    update_after: int = _option(1_000, "env steps collected before the first gradient step")
+    update_every: int = _option(50, "env steps between update rounds; each round does as many gradient steps")
+    grad_clip: float = _option(1.0, "max gradient norm for the policy, each critic and the temperature; 0 disables")
+    lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
+    lr_gamma: float = _option(0.95, "StepLR decay factor; 1 disables the schedule")
+    per_alpha: float = _option(0.6, "prioritization exponent: sampling probability ~ priority^alpha")
+    per_beta_start: float = _option(0.4, "initial importance-sampling exponent, annealed to 1 over episodes x max steps")
+    eval_every: int = _option(20, "deterministic evaluation every this many episodes; 0 disables")
+    eval_episodes: int = _option(5, "episodes per evaluation")
+    checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
+    keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is always kept")
+    save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
+    device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
+    threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
+    run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid value."""
+        positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every",
+                    "lr_step_episodes", "eval_episodes", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        non_negative = ("start_steps", "update_after", "grad_clip", "per_alpha", "eval_every", "threads")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_actor", "lr_critic", "lr_alpha", "init_alpha"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("total_steps", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if not 0 <= self.per_beta_start <= 1:
+            raise ConfigError(f"--per-beta-start must be in [0, 1], got {self.per_beta_start}")
+        if self.buffer not in ("prioritized", "uniform"):
+            raise ConfigError(f"--buffer must be 'prioritized' or 'uniform', got {self.buffer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
+            raise ConfigError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type = SACConfig) -> None:
+    """Add one flag per config field, with the dataclass default and help text."""
+    for f in dataclasses.fields(config_cls):
+        flag = f"--{_flag(f.name)}"
+        extras = {k: v for k, v in f.metadata.items() if k != "help"}
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
+        parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})",
+                            **extras)
+
+
+def config_from_args(args: argparse.Namespace) -> SACConfig:
+    """The config whose fields are the parsed flags of the same names."""
+    return SACConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SACConfig)})
+
+
+# --------------------------------------------------------------------------------------------
+# Environments and seeding
+# --------------------------------------------------------------------------------------------
+
+def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None = None) -> gym.Env:
+    """Create a gymnasium env with Box observations and a bounded Box action space, or raise ConfigError."""
+    try:
+        env = gym.make(env_id, max_episode_steps=max_steps, render_mode=render_mode)
+    except gym.error.Error as error:
+        raise ConfigError(f"cannot create environment {env_id!r}: {_first_line(error)}") from None
+    except Exception as error:  # an env's own constructor can fail in any way (missing extras, bad kwargs)
+        raise ConfigError(f"cannot create environment {env_id!r}: {type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(env.observation_space, gym.spaces.Box):
+        env.close()
+        raise ConfigError(f"{env_id} has a {type(env.observation_space).__name__} observation space; SAC needs a Box")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise ConfigError(f"{env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous Box")
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        env.close()
+        raise ConfigError(f"{env_id} has unbounded actions; SAC rescales tanh outputs to finite bounds")
+    return env
+
+
+def episode_time_limit(env_id: str, max_steps: int | None) -> int:
+    """`max_steps` if given, else the env's registered time limit (1000 when it has none)."""
+    if max_steps is not None:
+        return max_steps
+    try:
+        return gym.spec(env_id).max_episode_steps or 1000
+    except gym.error.Error as error:
+        raise ConfigError(f"cannot create environment {env_id!r}: {_first_line(error)}") from None
+
+
+def flat_dim(space: gym.spaces.Box) -> int:
+    """Number of scalars in one element of a Box space."""
+    return int(np.prod(space.shape))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the env and its action space are seeded where they are made)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def keep_freed_memory_mapped() -> None:
+    """Ask glibc to reuse freed memory instead of returning it to the OS after every tensor.
+
+    An update frees and re-allocates hundreds of 256 KB tensors; above glibc's default thresholds
+    each one is a fresh mmap that page-faults on first touch. Measured: ~10% faster updates on CPU.
+    A no-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU; asking for CUDA without one is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def capture_rng_state(env: gym.Env) -> dict:
+    """Every random generator a training run draws from, as plain data (for an exact resume)."""
+    legacy = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
+        "torch": torch.get_rng_state(),
+        "env": env.unwrapped.np_random.bit_generator.state,
+        "action_space": env.action_space.np_random.bit_generator.state,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict, env: gym.Env) -> None:
+    """Undo `capture_rng_state`: the next draw of every generator is the one it would have been."""
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    env.unwrapped.np_random.bit_generator.state = state["env"]
+    env.action_space.np_random.bit_generator.state = state["action_space"]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """Python's RNG state must be nested tuples; serialisation may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Replay buffers
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """A sampled minibatch on the agent's device; `weights` are importance weights (ones if uniform)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminated: torch.Tensor
+    weights: torch.Tensor
+    indices: np.ndarray
+
+
+class ReplayBuffer:
+    """Uniform replay over preallocated contiguous tensors (about 4*(2*obs+act+1)+1 bytes a transition).
+
+    Actions are stored normalized to [-1, 1], the policy's own range. `terminated` is stored apart
+    from time-limit truncation: only a real end stops bootstrapping.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.obs = torch.zeros(capacity, obs_dim, device=self.device)
+        self.actions = torch.zeros(capacity, action_dim, device=self.device)
+        self.rewards = torch.zeros(capacity, device=self.device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=self.device)
+        self.terminated = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.rng = np.random.default_rng(seed)
+        self.pos = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored data (used by the benchmarks)."""
+        return sum(t.numel() * t.element_size() for t in self._columns().values())
+
+    def _columns(self) -> dict[str, torch.Tensor]:
+        return {"obs": self.obs, "actions": self.actions, "rewards": self.rewards,
+                "next_obs": self.next_obs, "terminated": self.terminated}
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+            terminated: bool) -> int:
+        """Store one transition, overwriting the oldest once full; returns its slot."""
+        slot = self.pos
+        self.obs[slot] = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1))
+        self.actions[slot] = torch.as_tensor(np.asarray(action, dtype=np.float32).reshape(-1))
+        self.rewards[slot] = float(reward)
+        self.next_obs[slot] = torch.as_tensor(np.asarray(next_obs, dtype=np.float32).reshape(-1))
+        self.terminated[slot] = bool(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+        return slot
+
+    def sample(self, batch_size: int, beta: float = 1.0) -> Batch:
+        """Uniformly sample `batch_size` transitions (with replacement); `beta` is ignored here."""
+        indices = self.rng.integers(0, self.size, size=batch_size)
+        return self._gather(indices, torch.ones(batch_size, device=self.device))
+
+    def _gather(self, indices: np.ndarray, weights: torch.Tensor) -> Batch:
+        idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
+        return Batch(obs=self.obs[idx], actions=self.actions[idx], rewards=self.rewards[idx],
+                     next_obs=self.next_obs[idx], terminated=self.terminated[idx].float(),
+                     weights=weights, indices=indices)
+
+    def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
+        """Uniform replay has no priorities: nothing to do (and no device-to-host copy)."""
+
+    def state_dict(self) -> dict:
+        """The stored transitions (only the filled part), write position and sampling RNG."""
+        return {"capacity": self.capacity, "pos": self.pos, "size": self.size,
+                "rng": self.rng.bit_generator.state,
+                **{name: column[: self.size].cpu().clone() for name, column in self._columns().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; the capacity and shapes must match."""
+        if state["capacity"] != self.capacity:
+            raise CheckpointError(f"replay capacity {state['capacity']} does not match --buffer-size {self.capacity}")
+        for name, column in self._columns().items():
+            column[: state["size"]] = state[name].to(self.device)
+        self.pos, self.size = state["pos"], state["size"]
+        self.rng.bit_generator.state = state["rng"]
+
+
+class SumTree:
+    """Binary tree over `capacity` leaves in which every inner node holds the sum of its subtree.
+
+    Leaves (the priorities^alpha) are float32; inner sums are float64 and always recomputed from
+    their children, so the total never drifts and a zero subtree is exactly zero. Batch queries
+    are vectorized: one numpy step per tree level, O(log N), never a loop over samples.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.n_leaves = 1 << max(1, (capacity - 1).bit_length())
+        self.depth = self.n_leaves.bit_length() - 1
+        self.leaves = np.zeros(self.n_leaves, dtype=np.float32)
+        self.inner = np.zeros(self.n_leaves, dtype=np.float64)  # node 1 is the root; node i has children 2i, 2i+1
+
+    @property
+    def total(self) -> float:
+        return float(self.inner[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.leaves.nbytes + self.inner.nbytes
+
+    def update(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Set leaves `indices` to `values` and recompute their ancestors (duplicates: last wins)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        self.leaves[indices] = values
+        nodes = (indices + self.n_leaves) >> 1
+        children = 2 * nodes - self.n_leaves
+        self.inner[nodes] = self.leaves[children].astype(np.float64) + self.leaves[children + 1]
+        for _ in range(self.depth - 1):
+            nodes = nodes >> 1  # duplicates are harmless: each recomputes the same sum
+            self.inner[nodes] = self.inner[2 * nodes] + self.inner[2 * nodes + 1]
+
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """For each value in [0, total), the leaf whose prefix-sum interval contains it.
+
+        A step to the right is only taken into a subtree with a positive sum, so float rounding at
+        an interval's edge can never select a zero-priority (empty) leaf.
+        """
+        values = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
+        nodes = np.ones(values.shape, dtype=np.int64)
+        for _ in range(self.depth - 1):
+            left = 2 * nodes
+            left_sum = self.inner[left]
+            go_right = (values >= left_sum) & (self.inner[left + 1] > 0)
+            values = np.where(go_right, values - left_sum, values)
+            nodes = left + go_right
+        left = 2 * nodes - self.n_leaves
+        go_right = (values >= self.leaves[left]) & (self.leaves[left + 1] > 0)
+        return left + go_right
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay (Schaul et al., 2016) on a sum tree.
+
+    P(i) = p_i^alpha / sum_k p_k^alpha with p_i = mean |TD error| + 1e-6. New transitions get the
+    largest priority seen so far, so each is replayed at least about once. Importance weights
+    (N * P(i))^-beta are divided by the batch's largest weight.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int, alpha: float = 0.6,
+                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+        super().__init__(capacity, obs_dim, action_dim, device, seed)
+        self.alpha = alpha
+        self.tree = SumTree(capacity)
+        self.max_priority = 1.0
+        self._new_slots: list[int] = []
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.tree.nbytes
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+            terminated: bool) -> int:
+        """Store a transition; its max priority enters the tree in one batch before the next sample."""
+        slot = super().add(obs, action, reward, next_obs, terminated)
+        self._new_slots.append(slot)
+        return slot
+
+    def _flush_new_slots(self) -> None:
+        if self._new_slots:
+            slots = np.asarray(self._new_slots)
+            self.tree.update(slots, np.full(len(slots), self.max_priority ** self.alpha))
+            self._new_slots.clear()
+
+    def sample(self, batch_size: int, beta: float = 0.4) -> Batch:
+        """Stratified proportional sampling: one uniform draw in each of `batch_size` equal slices of the total."""
+        self._flush_new_slots()
+        total = self.tree.total
+        targets = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
+        indices = self.tree.find(targets)
+        probabilities = self.tree.leaves[indices].astype(np.float64) / total
+        weights = (self.size * probabilities) ** (-beta)
+        weights = torch.from_numpy((weights / weights.max()).astype(np.float32))
+        return self._gather(indices, weights.to(self.device, non_blocking=True))
+
+    def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
+        """Write new priorities (one device-to-host copy for the whole batch)."""
+        priorities = priorities.detach().cpu().numpy().astype(np.float64)
+        if not np.all(np.isfinite(priorities)):
+            raise TrainingDivergedError("non-finite TD error in the priority update")
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.update(indices, priorities ** self.alpha)
+
+    def state_dict(self) -> dict:
+        self._flush_new_slots()
+        return {**super().state_dict(), "max_priority": self.max_priority,
+                "leaves": torch.from_numpy(self.tree.leaves[: self.size].copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.max_priority = state["max_priority"]
+        self.tree.update(np.arange(self.size), state["leaves"].numpy())
+
+
+def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
+    """The replay buffer the config asks for."""
+    if config.buffer == "uniform":
+        return ReplayBuffer(config.buffer_size, obs_dim, action_dim, device, seed=config.seed)
+    return PrioritizedReplayBuffer(config.buffer_size, obs_dim, action_dim, config.per_alpha, device,
+                                   seed=config.seed)
+
+
+def per_beta(config: SACConfig, step: int) -> float:
+    """Importance-sampling exponent: linear from per_beta_start to 1 over episodes x max_steps env steps."""
+    progress = min(1.0, step / (config.episodes * config.max_steps))
+    return config.per_beta_start + progress * (1.0 - config.per_beta_start)
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------
+
+def mlp_trunk(in_dim: int, hidden_size: int, layer_norm: bool) -> nn.Sequential:
+    """Two hidden layers, each Linear -> LayerNorm -> ReLU (LayerNorm left out if disabled)."""
+    layers: list[nn.Module] = []
+    for width_in in (in_dim, hidden_size):
+        layers.append(nn.Linear(width_in, hidden_size))
+        if layer_norm:
+            layers.append(nn.LayerNorm(hidden_size))
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(pre_tanh: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log pi(tanh(u)) for u ~ N(mean, std): the Gaussian log-density minus log|d tanh(u)/du|, summed over dims.
+
+    log(1 - tanh(u)^2) is written as 2 * (log 2 - u - softplus(-2u)), which stays finite where tanh saturates.
+    """
+    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gaussian - log_det).sum(-1)
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s): a diagonal Gaussian over pre-squash actions, squashed by tanh into [-1, 1]."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.trunk = mlp_trunk(obs_dim, hidden_size, layer_norm)
+        self.mean = nn.Linear(hidden_size, action_dim)
+        self.log_std = nn.Linear(hidden_size, action_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clamped log standard deviation of the pre-squash Gaussian."""
+        features = self.trunk(obs)
+        return self.mean(features), self.log_std(features).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterized action in [-1, 1] and its log-probability (with the tanh correction)."""
+        mean, log_std = self(obs)
+        pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std)
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """tanh(mean): the action used for evaluation."""
+        return torch.tanh(self(obs)[0])
+
+
+class QNetwork(nn.Module):
+    """Q(s, a): one critic, a two-hidden-layer MLP on the concatenated state and action."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.trunk = mlp_trunk(obs_dim + action_dim, hidden_size, layer_norm)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(torch.cat([obs, action], dim=-1))).squeeze(-1)
+
+
+class TwinQNetwork(nn.Module):
+    """Two independent QNetworks evaluated as one ensemble: the same math in half the ops.
+
+    Each layer's weights are stacked on a leading critic axis, so one batched matmul serves both
+    critics. Parameters are never shared: critic i is slice i of every tensor (see `from_q_networks`).
+    The output has shape (num_critics, batch).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True,
+                 num_critics: int = 2) -> None:
+        super().__init__()
+        self.num_critics = num_critics
+        self.hidden_size = hidden_size
+        self.layer_norm = layer_norm
+        widths = [obs_dim + action_dim, hidden_size, hidden_size, 1]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num_critics, n_in, n_out)) for n_in, n_out in zip(widths, widths[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_critics, 1, n_out)) for n_out in widths[1:])
+        if layer_norm:
+            self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(num_critics, 1, hidden_size)) for _ in range(2))
+            self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(num_critics, 1, hidden_size)) for _ in range(2))
+        for weight, bias in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(weight.shape[1])  # nn.Linear's default initialisation
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
+        for layer in range(2):
+            x = torch.baddbmm(self.biases[layer], x, self.weights[layer])
+            if self.layer_norm:
+                x = F.layer_norm(x, (self.hidden_size,))
+                x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
+            x = F.relu(x)
+        return torch.baddbmm(self.biases[2], x, self.weights[2]).squeeze(-1)
+
+    @classmethod
+    def from_q_networks(cls, networks: list[QNetwork]) -> "TwinQNetwork":
+        """An ensemble holding copies of the given critics' parameters."""
+        first_linear = networks[0].trunk[0]
+        layer_norm = any(isinstance(m, nn.LayerNorm) for m in networks[0].trunk)
+        ensemble = cls(first_linear.in_features, 0, first_linear.out_features, layer_norm, len(networks))
+        with torch.no_grad():
+            for i, net in enumerate(networks):
+                linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
+                for layer, linear in enumerate(linears):
+                    ensemble.weights[layer][i] = linear.weight.T
+                    ensemble.biases[layer][i, 0] = linear.bias
+                for layer, norm in enumerate(m for m in net.trunk if isinstance(m, nn.LayerNorm)):
+                    ensemble.norm_weights[layer][i, 0] = norm.weight
+                    ensemble.norm_biases[layer][i, 0] = norm.bias
+        return ensemble
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Stop gradients to a module's parameters (not through it): the actor loss needs dQ/da, not dQ/dtheta."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+def clip_grad_norm_per_member_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip each ensemble member's gradient (slice i of every stacked tensor) to `max_norm` on its own.
+
+    Equivalent to clip_grad_norm_ on each critic separately, without a host sync. Returns the norms.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
+    return norms
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------
+
+class SACAgent:
+    """Actor, twin critics with targets, learned temperature, their optimizers and LR schedules."""
+
+    def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
+                 config: SACConfig | None = None, device: str | torch.device = "cpu",
+                 env_id: str | None = None) -> None:
+        self.config = config = config or SACConfig()
+        self.device = torch.device(device)
+        self.env_id = env_id or config.env
+        self.obs_dim = obs_dim
+        self.action_low = np.asarray(action_low, dtype=np.float32).reshape(-1)
+        self.action_high = np.asarray(action_high, dtype=np.float32).reshape(-1)
+        self.action_dim = len(self.action_low)
+        self._scale = torch.as_tensor((self.action_high - self.action_low) / 2, device=self.device)
+        self._bias = torch.as_tensor((self.action_high + self.action_low) / 2, device=self.device)
+        self._low = torch.as_tensor(self.action_low, device=self.device)
+        self._high = torch.as_tensor(self.action_high, device=self.device)
+
+        self.actor = GaussianPolicy(obs_dim, self.action_dim, config.hidden_size, config.layer_norm).to(self.device)
+        self.critic = TwinQNetwork(obs_dim, self.action_dim, config.hidden_size, config.layer_norm).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
+        self.target_entropy = -float(self.action_dim)
+
+        # One Adam over the stacked critic parameters is exactly two Adams, one per critic: Adam is elementwise.
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr_actor, foreach=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr_critic, foreach=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.lr_alpha)
+        self.schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step_episodes, config.lr_gamma)
+                           for opt in self.optimizers.values()]
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.critic_target.parameters())
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"actor": self.actor_optimizer, "critic": self.critic_optimizer, "alpha": self.alpha_optimizer}
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    # ---- acting ----
+
+    def select_action(self, state: np.ndarray, evaluate: bool = False) -> np.ndarray:
+        """An action inside the env's bounds: sampled, or tanh(mean) when `evaluate`."""
+        with torch.inference_mode():
+            obs = torch.as_tensor(np.asarray(state, dtype=np.float32).reshape(1, -1), device=self.device)
+            squashed = self.actor.deterministic(obs) if evaluate else self.actor.sample(obs)[0]
+            action = torch.maximum(torch.minimum(squashed[0] * self._scale + self._bias, self._high), self._low)
+            return action.cpu().numpy()
+
+    def normalize_action(self, action: np.ndarray) -> np.ndarray:
+        """Map an env action back to the policy's [-1, 1] range (how actions are stored for the critics)."""
+        low, high = self.action_low, self.action_high
+        return np.clip((np.asarray(action, dtype=np.float32) - (high + low) / 2) / ((high - low) / 2), -1.0, 1.0)
+
+    # ---- learning ----
+
+    def critic_targets(self, batch: Batch, alpha: torch.Tensor) -> torch.Tensor:
+        """y = r + gamma (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s')."""
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor.sample(batch.next_obs)
+            next_q = self.critic_target(batch.next_obs, next_action).min(0).values
+            soft_value = next_q - alpha * next_log_prob
+            return batch.rewards + self.config.gamma * (1.0 - batch.terminated) * soft_value
+
+    def critic_losses(self, q_values: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Importance-weighted mean squared TD error of each critic, shape (num_critics,)."""
+        return (weights * (q_values - targets).pow(2)).mean(dim=1)
+
+    def actor_loss(self, obs: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[alpha log pi(a|s) - min_j Q_j(s, a)], a ~ pi(s) reparameterized; also returns log pi."""
+        action, log_prob = self.actor.sample(obs)
+        with frozen(self.critic):
+            q_new = self.critic(obs, action).min(0).values
+        return (alpha * log_prob - q_new).mean(), log_prob
+
+    def alpha_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """-E[log alpha (log pi + target entropy)]: raises alpha when entropy is below target, lowers it above."""
+        return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step of critics, actor and temperature, then the soft target update.
+
+        Returns 0-dim tensors of the metrics and `priorities` (mean |TD| of the two critics + 1e-6,
+        one per sample). Nothing here waits for the device: call `.item()` only when logging.
+        """
+        alpha = self.alpha
+        targets = self.critic_targets(batch, alpha)
+        q_values = self.critic(batch.obs, batch.actions)
+        critic_losses = self.critic_losses(q_values, targets, batch.weights)
+        self._step(self.critic_optimizer, critic_losses.sum(), per_member=True)
+
+        actor_loss, log_prob = self.actor_loss(batch.obs, alpha)
+        self._step(self.actor_optimizer, actor_loss)
+        alpha_loss = self.alpha_loss(log_prob)
+        self._step(self.alpha_optimizer, alpha_loss)
+        self.soft_update_targets()
+
+        td_errors = (q_values.detach() - targets).abs().mean(0)
+        return {
+            "critic1_loss": critic_losses[0].detach(),
+            "critic2_loss": critic_losses[1].detach(),
+            "actor_loss": actor_loss.detach(),
+            "alpha_loss": alpha_loss.detach(),
+            "alpha": alpha,
+            "mean_q": q_values.detach().mean(),
+            "entropy": -log_prob.detach().mean(),
+            "priorities": td_errors + PRIORITY_EPS,
+        }
+
+    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, per_member: bool = False) -> None:
+        """Backward, clip (per critic for the ensemble), Adam step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.config.grad_clip > 0:
+            if per_member:
+                clip_grad_norm_per_member_(params, self.config.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
+        optimizer.step()
+
+    @torch.no_grad()
+    def soft_update_targets(self) -> None:
+        """theta' <- (1 - tau) theta' + tau theta."""
+        torch._foreach_lerp_(self._target_params, self._critic_params, self.config.tau)
+
+    def step_schedulers(self) -> None:
+        """Advance the learning-rate schedules by one episode."""
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    def parameters_finite(self) -> bool:
+        """True when no network parameter or the temperature is NaN or infinite."""
+        tensors = [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
+                   self.log_alpha]
+        return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
+    # ---- saving and loading ----
+
+    def state_dict(self) -> dict:
+        """Networks, targets, temperature, optimizers and schedulers as plain state_dicts."""
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(scheduler_state)
+
+    def metadata(self) -> dict:
+        """Plain data that identifies what this agent acts in and how it was configured."""
+        return {
+            "env_id": self.env_id,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "action_low": self.action_low.tolist(),
+            "action_high": self.action_high.tolist(),
+            "config": dataclasses.asdict(self.config),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "gymnasium": gym.__version__, "numpy": np.__version__},
+        }
+
+    def save(self, path: str | Path, training: dict | None = None) -> Path:
+        """Write a checkpoint atomically: metadata, agent state_dicts and optional training state."""
+        checkpoint = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                      "metadata": self.metadata(), "agent": self.state_dict(), "training": training}
+        return atomic_save(checkpoint, Path(path))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, device: str | torch.device = "cpu") -> "SACAgent":
+        """Rebuild an agent from a checkpoint returned by `read_checkpoint`."""
+        meta = checkpoint["metadata"]
+        try:
+            config = SACConfig(**meta["config"])
+            agent = cls(meta["obs_dim"], np.asarray(meta["action_low"]), np.asarray(meta["action_high"]),
+                        config, device, meta["env_id"])
+            agent.load_state_dict(checkpoint["agent"])
+        except (TypeError, KeyError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint contents do not fit this code: {_first_line(error)}") from None
+        return agent
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SACAgent":
+        """Load a saved agent (weights_only: a checkpoint can never run code)."""
+        return cls.from_checkpoint(read_checkpoint(path), device)
+
+
+def evaluate_policy(agent: SACAgent, env: gym.Env, episodes: int, seed: int, deterministic: bool = True,
+                    on_episode_end: Any = None) -> list[float]:
+    """Undiscounted return of each of `episodes` episodes, the i-th reset with seed `seed + i`.
+
+    Deterministic (tanh of the mean) by default: it draws no random numbers, so evaluating during
+    training leaves the training run unchanged.
+    """
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(agent.select_action(obs, evaluate=deterministic))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+        if on_episode_end is not None:
+            on_episode_end(i, total)
+    return returns
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------
+
+def atomic_save(obj: dict, path: Path) -> Path:
+    """torch.save to a temporary name, fsync, then rename: a crash at any instant leaves the old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and validate a checkpoint file, or raise CheckpointError naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickles with code, garbage and truncated files fail in many ways
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(error).__name__}: "
+                              f"{_first_line(error)[:160]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' marker)")
+    if checkpoint.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {checkpoint.get('format_version')!r} is not "
+                              f"supported (this code reads version {CHECKPOINT_VERSION})")
+    for key in ("metadata", "agent"):
+        if not isinstance(checkpoint.get(key), dict):
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {key!r} section)")
+    return checkpoint
+
+
+def check_checkpoint_fits_env(checkpoint: dict, env: gym.Env, path: str | Path) -> None:
+    """Refuse a checkpoint made for other observation or action spaces."""
+    meta = checkpoint["metadata"]
+    expected = (flat_dim(env.observation_space), env.action_space.low.reshape(-1).tolist(),
+                env.action_space.high.reshape(-1).tolist())
+    found = (meta.get("obs_dim"), meta.get("action_low"), meta.get("action_high"))
+    if not np.allclose(found[0], expected[0]) or len(found[1]) != len(expected[1]) or \
+            not np.allclose(found[1], expected[1]) or not np.allclose(found[2], expected[2]):
+        raise CheckpointError(f"{path}: made for {meta.get('env_id')} (obs dim {found[0]}, action bounds "
+                              f"{found[1]}..{found[2]}), which does not fit {env.spec.id if env.spec else env}")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The finished checkpoints in a folder, oldest first (temporary files never end in .pt)."""
+    return sorted(folder.glob("*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def find_checkpoint(target: str | Path | None) -> Path:
+    """Resolve a checkpoint file, a checkpoint folder or a run name to one file (the newest); None: newest of all."""
+    if target is None:
+        candidates = checkpoint_files(CHECKPOINTS_DIR) + [
+            p for run in sorted(CHECKPOINTS_DIR.glob("*/")) for p in checkpoint_files(run)]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint found under {CHECKPOINTS_DIR}/: train one with python train.py")
+        return max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    path = Path(target)
+    if path.is_file():
+        return path
+    folder = path if path.is_dir() else CHECKPOINTS_DIR / path
+    if folder.is_dir():
+        files = checkpoint_files(folder)
+        if files:
+            return files[-1]
+        raise CheckpointError(f"{folder}: holds no checkpoint (*.pt)")
+    raise CheckpointError(f"{target}: no such checkpoint file, folder or run name")
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (step_*.pt); final.pt is never pruned."""
+    periodic = [p for p in checkpoint_files(folder) if p.name.startswith("step_")]
+    for old in periodic[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error and exit: how the scripts report SACError."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

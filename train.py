@@ -1,0 +1,268 @@
+"""Train a SAC agent: `python train.py` (LunarLanderContinuous-v3), `python train.py --resume RUN`.
+
+TensorBoard logs go to runs/<run-name>/, checkpoints to checkpoints/<run-name>/. Ctrl-C (or SIGTERM)
+finishes the current step, writes a checkpoint and exits; `--resume` continues the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from sac_model import (
+    CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
+    add_config_flags, capture_rng_state, episode_time_limit, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
+    find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
+    resolve_device, restore_rng_state, seed_everything,
+)
+
+# Flags that may differ from the checkpoint's config when resuming: how long and how the run is
+# watched, never what it learns.
+RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "checkpoint_every",
+                      "keep_checkpoints", "save_buffer", "device", "threads"}
+EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes use seeds no training episode starts from
+METRIC_TAGS = {
+    "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
+    "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
+    "entropy": "charts/entropy",
+}
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint; with the RNG states and the buffer they make a resume exact."""
+
+    global_step: int = 0
+    episode: int = 0
+    updates: int = 0
+    eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
+
+
+class StopSignal:
+    """Turns SIGINT and SIGTERM into a flag the loop checks after every env step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
+    add_config_flags(parser)
+    parser.add_argument("--resume", metavar="PATH", default=None,
+                        help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
+    return parser
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """Names of the config fields set explicitly on the command line."""
+    unset = object()
+    probe = build_parser()
+    probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)})
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset} - {"resume"}
+
+
+def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
+    """The checkpoint's config, with the run-length and bookkeeping flags the user gave on top."""
+    config = SACConfig(**checkpoint["metadata"]["config"])
+    changed = {name for name in given if getattr(args, name) != getattr(config, name)}
+    forbidden = sorted(changed - RESUME_OVERRIDABLE)
+    if forbidden:
+        raise SACError(f"--{forbidden[0].replace('_', '-')} cannot change when resuming; "
+                       f"only {', '.join(sorted('--' + n.replace('_', '-') for n in RESUME_OVERRIDABLE))} can")
+    return dataclasses.replace(config, **{name: getattr(args, name) for name in changed})
+
+
+def log_update_metrics(writer: SummaryWriter, metrics: dict[str, torch.Tensor], agent: SACAgent,
+                       beta: float | None, step: int) -> None:
+    """Write the last update's metrics; one host sync per update round. Stops on a non-finite value."""
+    values = {name: metrics[name].item() for name in METRIC_TAGS}
+    for name, value in values.items():
+        if not np.isfinite(value):
+            raise TrainingDivergedError(f"non-finite {name} ({value}) at env step {step}")
+        writer.add_scalar(METRIC_TAGS[name], value, step)
+    for name, lr in agent.learning_rates().items():
+        writer.add_scalar(f"charts/lr_{name}", lr, step)
+    if beta is not None:
+        writer.add_scalar("charts/per_beta", beta, step)
+
+
+def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SACConfig, name: str,
+                    episode_finished: bool) -> Path:
+    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent."""
+    if not agent.parameters_finite():
+        raise TrainingDivergedError(f"non-finite network parameters at env step {progress.global_step}; "
+                                    "the last good checkpoint is left untouched")
+    training = {
+        **dataclasses.asdict(progress),
+        "run_name": config.run_name,
+        "episode_finished": episode_finished,
+        "rng": capture_rng_state(env),
+        "buffer": buffer.state_dict() if config.save_buffer else None,
+    }
+    return agent.save(CHECKPOINTS_DIR / config.run_name / f"{name}.pt", training)
+
+
+def train(args: argparse.Namespace, given: set[str]) -> int:
+    checkpoint, checkpoint_path = None, None
+    if args.resume:
+        checkpoint_path = find_checkpoint(args.resume)
+        checkpoint = read_checkpoint(checkpoint_path)
+        if not checkpoint.get("training"):
+            raise SACError(f"{checkpoint_path}: holds an agent but no training state to resume")
+        config = resumed_config(checkpoint, args, given)
+    else:
+        config = config_from_args(args)
+        if config.run_name is None:
+            config.run_name = f"{config.env}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    config.validate()
+    config.max_steps = episode_time_limit(config.env, config.max_steps)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+
+    env = make_env(config.env, config.max_steps)
+    eval_env = make_env(config.env, config.max_steps)
+    obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
+    agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
+    buffer = make_buffer(config, obs_dim, action_dim, device)
+    progress = Progress()
+    env.action_space.seed(config.seed)
+    first_reset_seed: int | None = config.seed
+    if checkpoint is not None:
+        check_checkpoint_fits_env(checkpoint, env, checkpoint_path)
+        agent.load_state_dict(checkpoint["agent"])
+        training = checkpoint["training"]
+        progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress)})
+        if training["buffer"] is not None:
+            buffer.load_state_dict(training["buffer"])
+        env.reset(seed=config.seed)  # creates the env's generators, then they are overwritten
+        restore_rng_state(training["rng"], env)
+        first_reset_seed = None
+        print(f"resuming {config.run_name} from {checkpoint_path} at env step {progress.global_step}, "
+              f"episode {progress.episode}" + ("" if training["buffer"] is not None else
+                                              " (checkpoint has no replay buffer: the resume is approximate)"))
+
+    writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step or None)
+    if checkpoint is None:
+        writer.add_text("config", "\n".join(f"{k}: {v}  " for k, v in dataclasses.asdict(config).items()))
+    is_prioritized = config.buffer == "prioritized"
+    step_budget = min(config.total_steps or np.inf, config.episodes * config.max_steps)
+    bar = tqdm(total=int(step_budget), initial=progress.global_step, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+    recent_returns: deque[float] = deque(maxlen=10)
+    stop = StopSignal()
+    session_start, session_start_step = time.perf_counter(), progress.global_step
+    interrupted = False
+    try:
+        while progress.episode < config.episodes and progress.global_step < step_budget and not interrupted:
+            obs, _ = env.reset(seed=first_reset_seed)
+            first_reset_seed = None
+            episode_return, episode_length, episode_finished = 0.0, 0, False
+            while True:
+                if progress.global_step < config.start_steps:
+                    env_action = env.action_space.sample()
+                else:
+                    env_action = agent.select_action(obs)
+                next_obs, reward, terminated, truncated, _ = env.step(env_action)
+                buffer.add(obs, agent.normalize_action(env_action), reward, next_obs, terminated)
+                obs = next_obs
+                episode_return += float(reward)
+                episode_length += 1
+                progress.global_step += 1
+                bar.update(1)
+
+                step = progress.global_step
+                if step >= config.update_after and step % config.update_every == 0:
+                    beta = per_beta(config, step) if is_prioritized else None
+                    for _ in range(config.update_every):
+                        batch = buffer.sample(config.batch_size, beta or 1.0)
+                        metrics = agent.update(batch)
+                        buffer.update_priorities(batch.indices, metrics["priorities"])
+                    progress.updates += config.update_every
+                    log_update_metrics(writer, metrics, agent, beta, step)
+                episode_finished = terminated or truncated
+                if episode_finished or step >= step_budget or stop.signum is not None:
+                    break
+            if episode_finished:
+                progress.episode += 1
+                finish_episode(agent, buffer, env, eval_env, writer, config, progress, episode_return,
+                               episode_length, recent_returns, bar, session_start, session_start_step)
+            interrupted = stop.signum is not None
+    finally:
+        bar.close()
+
+    try:
+        if interrupted:
+            path = save_checkpoint(agent, buffer, progress, env, config, f"step_{progress.global_step:09d}",
+                                   episode_finished)
+            prune_checkpoints(path.parent, config.keep_checkpoints)
+            name = signal.Signals(stop.signum).name
+            print(f"{name} received: stopped at env step {progress.global_step}, saved {path}; "
+                  f"continue with: python train.py --resume {config.run_name}", file=sys.stderr)
+            return 128 + stop.signum
+        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished=True)
+        print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
+        return 0
+    finally:
+        writer.close()
+        env.close()
+        eval_env.close()
+
+
+def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
+                   progress: Progress, episode_return: float, episode_length: int, recent_returns: deque,
+                   bar: tqdm, session_start: float, session_start_step: int) -> None:
+    """Episode bookkeeping: logs, LR schedule, evaluation, periodic checkpoint."""
+    step = progress.global_step
+    recent_returns.append(episode_return)
+    steps_per_second = (step - session_start_step) / max(time.perf_counter() - session_start, 1e-9)
+    writer.add_scalar("charts/episode_return", episode_return, step)
+    writer.add_scalar("charts/episode_length", episode_length, step)
+    writer.add_scalar("charts/steps_per_second", steps_per_second, step)
+    if step >= config.update_after:
+        agent.step_schedulers()
+    postfix = {"ep": progress.episode, "return(10)": f"{np.mean(recent_returns):.1f}"}
+    if config.eval_every and progress.episode % config.eval_every == 0:
+        returns = evaluate_policy(agent, eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+        progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
+        writer.add_scalar("eval/return_mean", np.mean(returns), step)
+        writer.add_scalar("eval/return_std", np.std(returns), step)
+    if progress.eval_history:
+        postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
+    bar.set_postfix(postfix, refresh=False)
+    if progress.episode % config.checkpoint_every == 0:
+        path = save_checkpoint(agent, buffer, progress, env, config, f"step_{step:09d}", episode_finished=True)
+        prune_checkpoints(path.parent, config.keep_checkpoints)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory_mapped()
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args, flags_given(argv))
+    except TrainingDivergedError as error:
+        fail(f"training diverged: {error}", code=3)
+    except SACError as error:
+        fail(str(error))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
