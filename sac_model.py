@@ -805,7 +805,7 @@ class SACAgent:
             "action_low": self.action_low.tolist(),
             "action_high": self.action_high.tolist(),
             "config": dataclasses.asdict(self.config),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "gymnasium": gym.__version__, "numpy": np.__version__},
         }
 
@@ -887,8 +887,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, garbage and truncated files fail in many ways
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(error).__name__}: "
-                              f"{_first_line(error)[:160]})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_failure_reason(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' marker)")
     if checkpoint.get("format_version") != CHECKPOINT_VERSION:
@@ -942,6 +941,15 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
     periodic = [p for p in checkpoint_files(folder) if p.name.startswith("step_")]
     for old in periodic[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def _load_failure_reason(error: BaseException) -> str:
+    """The informative line of a torch.load failure (its messages run to a dozen lines)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    detail = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if detail is not None:
+        return "refused by weights_only loading: " + detail.removeprefix("WeightsUnpickler error:").split(". ")[0].strip()
+    return f"{type(error).__name__}: {_first_line(error)[:160]}"
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,86 @@
+"""Watch a trained agent: evaluate it and record mp4 videos with gymnasium's RecordVideo.
+
+`python visualize.py` loads the newest checkpoint under checkpoints/, plays 3 deterministic episodes
+of the environment it was trained on, prints each return with the mean and standard deviation, and
+writes the videos to videos/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from gymnasium.wrappers import RecordVideo
+
+from sac_model import (
+    OneLineErrorParser, SACAgent, SACError, check_checkpoint_fits_env, evaluate_policy, fail, find_checkpoint,
+    make_env, read_checkpoint,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description="Evaluate a saved SAC agent and record videos of it.")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file, checkpoint folder or run name (default: newest under checkpoints/)")
+    parser.add_argument("--episodes", type=int, default=3, help="episodes to play (default: 3)")
+    parser.add_argument("--video-folder", default="videos", help="where mp4 files are written (default: videos)")
+    parser.add_argument("--seed", type=int, default=0, help="episode i starts from env seed SEED + i (default: 0)")
+    parser.add_argument("--stochastic", action="store_true", help="sample actions instead of tanh(mean)")
+    parser.add_argument("--no-video", action="store_true", help="evaluate only, record nothing")
+    return parser
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create the folder if needed and prove a file can be written there, or raise SACError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise SACError(f"cannot write videos to {folder}: {error.strerror or error}") from None
+
+
+def visualize(args: argparse.Namespace) -> None:
+    if args.episodes <= 0:
+        raise SACError(f"--episodes must be positive, got {args.episodes}")
+    path = find_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(path)
+    agent = SACAgent.from_checkpoint(checkpoint)
+    config = agent.config
+    env = make_env(agent.env_id, config.max_steps, render_mode=None if args.no_video else "rgb_array")
+    check_checkpoint_fits_env(checkpoint, env, path)
+    if not args.no_video:
+        folder = Path(args.video_folder)
+        check_writable_folder(folder)
+        # A fresh prefix per call: RecordVideo overwrites files of the same name, and old videos stay.
+        prefix = f"{path.parent.name}-{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, name_prefix=prefix)
+    mode = "stochastic" if args.stochastic else "deterministic"
+    print(f"{agent.env_id}: {args.episodes} {mode} episodes of {path}")
+    try:
+        returns = evaluate_policy(agent, env, args.episodes, args.seed, deterministic=not args.stochastic,
+                                  on_episode_end=lambda i, r: print(f"episode {i + 1}: return {r:.1f}"))
+    finally:
+        env.close()
+    print(f"mean return {np.mean(returns):.1f} +/- {np.std(returns):.1f} (std) over {len(returns)} episodes")
+    if not args.no_video:
+        print(f"videos: {sorted(str(p) for p in Path(args.video_folder).glob(prefix + '*.mp4'))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        visualize(args)
+    except SACError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
