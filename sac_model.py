@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ CHECKPOINT_FORMAT = "sac-checkpoint"
 CHECKPOINT_VERSION = 1
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 PRIORITY_EPS = 1e-6
+DEFAULT_TIME_LIMIT = 1000
 RUNS_DIR = Path("runs")
 CHECKPOINTS_DIR = Path("checkpoints")
 
@@ -168,7 +170,10 @@ def config_from_args(args: argparse.Namespace) -> SACConfig:
 # --------------------------------------------------------------------------------------------
 
 def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None = None) -> gym.Env:
-    """Create a gymnasium env with Box observations and a bounded Box action space, or raise ConfigError."""
+    """Create a gymnasium env with Box observations and a bounded Box action space, or raise ConfigError.
+
+    `max_steps` None keeps the env's registered time limit (DEFAULT_TIME_LIMIT if it has none).
+    """
     try:
         env = gym.make(env_id, max_episode_steps=max_steps, render_mode=render_mode)
     except gym.error.Error as error:
@@ -184,17 +189,9 @@ def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None 
     if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
         env.close()
         raise ConfigError(f"{env_id} has unbounded actions; SAC rescales tanh outputs to finite bounds")
+    if env.spec is None or env.spec.max_episode_steps is None:
+        env = gym.wrappers.TimeLimit(env, DEFAULT_TIME_LIMIT)
     return env
-
-
-def episode_time_limit(env_id: str, max_steps: int | None) -> int:
-    """`max_steps` if given, else the env's registered time limit (1000 when it has none)."""
-    if max_steps is not None:
-        return max_steps
-    try:
-        return gym.spec(env_id).max_episode_steps or 1000
-    except gym.error.Error as error:
-        raise ConfigError(f"cannot create environment {env_id!r}: {_first_line(error)}") from None
 
 
 def flat_dim(space: gym.spaces.Box) -> int:
@@ -885,7 +882,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, garbage and truncated files fail in many ways
         raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_failure_reason(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -937,18 +936,22 @@ def find_checkpoint(target: str | Path | None) -> Path:
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (step_*.pt); final.pt is never pruned."""
+    """Delete all but the newest `keep` periodic checkpoints (step_*.pt); final.pt is never pruned.
+
+    Also removes temporary files left by a process killed while writing (never this process's own).
+    """
     periodic = [p for p in checkpoint_files(folder) if p.name.startswith("step_")]
-    for old in periodic[:-keep]:
+    stale = [p for p in folder.glob(".*.tmp") if not p.name.endswith(f".{os.getpid()}.tmp")]
+    for old in periodic[:-keep] + stale:
         old.unlink(missing_ok=True)
 
 
 def _load_failure_reason(error: BaseException) -> str:
     """The informative line of a torch.load failure (its messages run to a dozen lines)."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    detail = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
-    if detail is not None:
-        return "refused by weights_only loading: " + detail.removeprefix("WeightsUnpickler error:").split(". ")[0].strip()
+    marker = "WeightsUnpickler error:"
+    if marker in str(error):
+        after = [line.strip() for line in str(error).split(marker, 1)[1].splitlines() if line.strip()]
+        return "refused by weights_only loading: " + (after[0].split(". ")[0] if after else "unsupported content")
     return f"{type(error).__name__}: {_first_line(error)[:160]}"
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sac_model import (
     CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
-    add_config_flags, capture_rng_state, episode_time_limit, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
+    add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
     find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
     resolve_device, restore_rng_state, seed_everything,
 )
@@ -87,6 +87,21 @@ def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) 
     return dataclasses.replace(config, **{name: getattr(args, name) for name in changed})
 
 
+def update_round(agent: SACAgent, buffer, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
+    """`update_every` gradient steps (update-to-data ratio 1), then log the last one's metrics."""
+    step = progress.global_step
+    beta = per_beta(config, step) if config.buffer == "prioritized" else None
+    try:
+        for _ in range(config.update_every):
+            batch = buffer.sample(config.batch_size, beta or 1.0)
+            metrics = agent.update(batch)
+            buffer.update_priorities(batch.indices, metrics["priorities"])
+    except TrainingDivergedError as error:
+        raise TrainingDivergedError(f"{error} at env step {step}") from None
+    progress.updates += config.update_every
+    log_update_metrics(writer, metrics, agent, beta, step)
+
+
 def log_update_metrics(writer: SummaryWriter, metrics: dict[str, torch.Tensor], agent: SACAgent,
                        beta: float | None, step: int) -> None:
     """Write the last update's metrics; one host sync per update round. Stops on a non-finite value."""
@@ -130,13 +145,13 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
         if config.run_name is None:
             config.run_name = f"{config.env}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     config.validate()
-    config.max_steps = episode_time_limit(config.env, config.max_steps)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
 
     env = make_env(config.env, config.max_steps)
+    config.max_steps = env.spec.max_episode_steps
     eval_env = make_env(config.env, config.max_steps)
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
@@ -158,10 +173,10 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
               f"episode {progress.episode}" + ("" if training["buffer"] is not None else
                                               " (checkpoint has no replay buffer: the resume is approximate)"))
 
-    writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step or None)
+    # On resume, drop events logged after the checkpoint by the interrupted process: no seam, no duplicates.
+    writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("config", "\n".join(f"{k}: {v}  " for k, v in dataclasses.asdict(config).items()))
-    is_prioritized = config.buffer == "prioritized"
     step_budget = min(config.total_steps or np.inf, config.episodes * config.max_steps)
     bar = tqdm(total=int(step_budget), initial=progress.global_step, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
@@ -189,13 +204,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
 
                 step = progress.global_step
                 if step >= config.update_after and step % config.update_every == 0:
-                    beta = per_beta(config, step) if is_prioritized else None
-                    for _ in range(config.update_every):
-                        batch = buffer.sample(config.batch_size, beta or 1.0)
-                        metrics = agent.update(batch)
-                        buffer.update_priorities(batch.indices, metrics["priorities"])
-                    progress.updates += config.update_every
-                    log_update_metrics(writer, metrics, agent, beta, step)
+                    update_round(agent, buffer, writer, config, progress)
                 episode_finished = terminated or truncated
                 if episode_finished or step >= step_budget or stop.signum is not None:
                     break

@@ -1,0 +1,1031 @@
+"""Unit tests of sac_model.py: sum tree, replay buffers, networks, agent, checkpoints, config and RNG state.
+
+Small networks (hidden 32), small batches and few iterations keep the whole file to seconds on CPU.
+Statistical tests use fixed seeds and bounds that are many standard deviations wide.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import pickle
+import random
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributions import Normal, TransformedDistribution
+from torch.distributions.transforms import TanhTransform
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sac_model  # noqa: E402
+from sac_model import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LOG_STD_MAX,
+    LOG_STD_MIN,
+    Batch,
+    CheckpointError,
+    ConfigError,
+    GaussianPolicy,
+    PrioritizedReplayBuffer,
+    QNetwork,
+    ReplayBuffer,
+    SACAgent,
+    SACConfig,
+    SumTree,
+    TrainingDivergedError,
+    TwinQNetwork,
+    atomic_save,
+    capture_rng_state,
+    check_checkpoint_fits_env,
+    clip_grad_norm_per_member_,
+    find_checkpoint,
+    make_env,
+    per_beta,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng_state,
+    tanh_gaussian_log_prob,
+)
+
+HIDDEN = 32
+
+# Tiny networks gain nothing from intra-op threads, and on a loaded 2-core machine two spinning threads make
+# one update ~100x slower (measured: 45 s instead of 0.25 s for 60 updates at hidden 32).
+torch.set_num_threads(1)
+
+
+def small_config(**overrides) -> SACConfig:
+    base = dict(env="Pendulum-v1", hidden_size=HIDDEN, batch_size=16, buffer_size=256, max_steps=200)
+    base.update(overrides)
+    return SACConfig(**base)
+
+
+def pendulum_agent(**overrides) -> SACAgent:
+    return SACAgent(3, np.array([-2.0], dtype=np.float32), np.array([2.0], dtype=np.float32),
+                    small_config(**overrides), env_id="Pendulum-v1")
+
+
+def random_batch(obs_dim: int, action_dim: int, size: int, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(obs=torch.randn(size, obs_dim, generator=g),
+                 actions=torch.rand(size, action_dim, generator=g) * 2 - 1,
+                 rewards=torch.randn(size, generator=g),
+                 next_obs=torch.randn(size, obs_dim, generator=g),
+                 terminated=(torch.rand(size, generator=g) < 0.2).float(),
+                 weights=torch.ones(size),
+                 indices=np.arange(size))
+
+
+def fill(buffer: ReplayBuffer, n: int, obs_dim: int = 3, action_dim: int = 1, start: int = 0) -> None:
+    """Add n transitions whose every field encodes the transition number i (obs = i, next_obs = i + 0.5...)."""
+    for i in range(start, start + n):
+        buffer.add(np.full(obs_dim, i, dtype=np.float32), np.full(action_dim, i / 1000.0, dtype=np.float32),
+                   float(i), np.full(obs_dim, i + 0.5, dtype=np.float32), terminated=(i % 3 == 0))
+
+
+# ============================================================================================
+# 1. SumTree
+# ============================================================================================
+
+@pytest.mark.parametrize("capacity", [1, 2, 5, 37, 64, 100])
+def test_sum_tree_total_equals_sum_of_leaves_after_random_updates(capacity):
+    rng = np.random.default_rng(capacity)
+    tree = SumTree(capacity)
+    reference = np.zeros(capacity, dtype=np.float32)
+    for _ in range(300):
+        k = int(rng.integers(1, 2 * capacity + 2))
+        indices = rng.integers(0, capacity, size=k)  # repeated indices are likely
+        values = rng.random(k).astype(np.float32) * rng.choice([0.0, 1.0, 10.0], size=k).astype(np.float32)
+        tree.update(indices, values)
+        for i, v in zip(indices, values):  # independent reference: sequential writes, last one wins
+            reference[i] = v
+        assert tree.total == pytest.approx(float(reference.astype(np.float64).sum()), rel=1e-12, abs=1e-12)
+    np.testing.assert_array_equal(tree.leaves[:capacity], reference)
+    assert np.all(tree.leaves[capacity:] == 0)
+
+
+def test_sum_tree_repeated_index_in_one_update_last_write_wins():
+    tree = SumTree(8)
+    tree.update(np.array([3, 5, 3, 3]), np.array([1.0, 2.0, 7.0, 5.0]))
+    assert tree.leaves[3] == 5.0
+    assert tree.leaves[5] == 2.0
+    assert tree.total == 7.0
+    tree.update(np.array([5, 5]), np.array([0.0, 0.25]))
+    assert tree.total == 5.25
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 7, 10, 33, 64, 1000])
+def test_sum_tree_find_is_prefix_sum_search(capacity):
+    rng = np.random.default_rng(1000 + capacity)
+    tree = SumTree(capacity)
+    leaves = rng.random(capacity).astype(np.float32) + np.float32(0.01)
+    if capacity > 2:
+        leaves[rng.random(capacity) < 0.3] = 0.0  # some empty slots
+        leaves[0] = max(leaves[0], np.float32(0.5))
+    tree.update(np.arange(capacity), leaves)
+    cumsum = np.cumsum(leaves.astype(np.float64))
+    assert tree.total == pytest.approx(cumsum[-1], rel=1e-12)
+    values = rng.uniform(0.0, cumsum[-1], size=20_000)
+    values = np.concatenate([[0.0], values])
+    expected = np.searchsorted(cumsum, values, side="right")  # smallest i with cumsum[i] > v
+    found = tree.find(values)
+    np.testing.assert_array_equal(found, expected)
+    assert found.dtype.kind == "i"
+
+
+def test_sum_tree_find_capacity_one():
+    tree = SumTree(1)
+    tree.update(np.array([0]), np.array([0.7]))
+    assert tree.total == pytest.approx(0.7, rel=1e-6)
+    np.testing.assert_array_equal(tree.find(np.array([0.0, 0.3, 0.69, 0.7, 5.0])), [0, 0, 0, 0, 0])
+
+
+def test_sum_tree_find_never_returns_zero_leaf_at_boundaries_and_above_total():
+    # Exactly representable values so the interval boundaries are exact; capacity 7 is not a power of two.
+    leaves = np.array([1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.5], dtype=np.float32)
+    tree = SumTree(len(leaves))
+    tree.update(np.arange(len(leaves)), leaves)
+    cumsum = np.cumsum(leaves.astype(np.float64))
+    total = tree.total
+    assert total == 6.5
+    boundaries = np.concatenate([[0.0], cumsum[:-1]])
+    found = tree.find(boundaries)
+    # At an exact boundary the next non-empty leaf is chosen (cumsum[i] > v strictly).
+    np.testing.assert_array_equal(found, np.searchsorted(cumsum, boundaries, side="right"))
+    for v in [total, total + 1e-9, total * 2, 1e30, np.nextafter(total, 0.0), -1.0]:
+        i = int(tree.find(np.array([v]))[0])
+        assert leaves[i] > 0, (v, i)
+    assert int(tree.find(np.array([total]))[0]) == 6
+    assert int(tree.find(np.array([-1.0]))[0]) == 0
+
+    # Only some leaves non-zero, trailing zeros and a leading zero: every query lands on a non-zero leaf.
+    for pattern in ([0, 0, 4, 0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [3, 0, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0, 0, 0, 2]):
+        leaves = np.array(pattern, dtype=np.float32)
+        tree = SumTree(len(leaves))
+        tree.update(np.arange(len(leaves)), leaves)
+        cumsum = np.cumsum(leaves.astype(np.float64))
+        queries = np.concatenate([np.linspace(0, tree.total, 101), cumsum, [tree.total * 1.5]])
+        found = tree.find(queries)
+        assert np.all(leaves[found] > 0), (pattern, found)
+        inside = queries < tree.total
+        np.testing.assert_array_equal(found[inside], np.searchsorted(cumsum, queries[inside], side="right"))
+
+
+# ============================================================================================
+# 2. PrioritizedReplayBuffer
+# ============================================================================================
+
+def test_prioritized_sampling_matches_priorities():
+    n, alpha = 20, 0.6
+    buffer = PrioritizedReplayBuffer(n, 3, 1, alpha=alpha, seed=123)
+    fill(buffer, n)
+    buffer.sample(1)  # new slots enter the tree (at max priority) before the next sample: do it before overwriting
+    priorities = np.linspace(0.05, 4.0, n) ** 1.5
+    buffer.update_priorities(np.arange(n), torch.tensor(priorities, dtype=torch.float32))
+    expected = priorities ** alpha / np.sum(priorities ** alpha)
+
+    counts = np.zeros(n)
+    batches, batch_size = 600, 256
+    for _ in range(batches):
+        batch = buffer.sample(batch_size, beta=0.4)
+        np.testing.assert_array_equal(batch.obs[:, 0].numpy(), batch.indices.astype(np.float32))
+        counts += np.bincount(batch.indices, minlength=n)
+    total = batches * batch_size
+    chi2 = float(np.sum((counts - total * expected) ** 2 / (total * expected)))
+    # 19 degrees of freedom: mean 19, sd ~6.2; 80 is ~10 sd. Sampling p (alpha ignored) gives chi2 in the thousands.
+    assert chi2 < 80.0, chi2
+    wrong = priorities / priorities.sum()
+    chi2_wrong = float(np.sum((counts - total * wrong) ** 2 / (total * wrong)))
+    assert chi2_wrong > 1000.0
+
+
+def test_prioritized_importance_weights_normalized_by_batch_max():
+    n, alpha, beta = 50, 0.6, 0.7
+    buffer = PrioritizedReplayBuffer(64, 3, 1, alpha=alpha, seed=5)
+    fill(buffer, n)
+    buffer.sample(1)  # flush the new slots' max priority first
+    rng = np.random.default_rng(0)
+    priorities = rng.uniform(0.01, 5.0, n)
+    buffer.update_priorities(np.arange(n), torch.tensor(priorities))
+    probs = priorities ** alpha / np.sum(priorities ** alpha)
+    for _ in range(5):
+        batch = buffer.sample(32, beta=beta)
+        w = (n * probs[batch.indices]) ** (-beta)
+        w = w / w.max()
+        assert batch.weights.dtype == torch.float32
+        np.testing.assert_allclose(batch.weights.numpy(), w, rtol=1e-5)
+        assert batch.weights.max().item() == pytest.approx(1.0)
+
+
+def test_update_priorities_sets_leaves_to_p_alpha_and_raises_max_priority():
+    alpha = 0.6
+    buffer = PrioritizedReplayBuffer(16, 3, 1, alpha=alpha)
+    fill(buffer, 10)
+    buffer.sample(4)  # flushes the new slots
+    np.testing.assert_allclose(buffer.tree.leaves[:10], 1.0)  # first priority is 1.0, 1.0**alpha == 1
+    assert buffer.max_priority == 1.0
+
+    priorities = np.array([0.5, 2.0, 5.0, 0.1], dtype=np.float32)
+    buffer.update_priorities(np.array([1, 3, 4, 9]), torch.tensor(priorities))
+    np.testing.assert_allclose(buffer.tree.leaves[[1, 3, 4, 9]], priorities.astype(np.float64) ** alpha, rtol=1e-6)
+    np.testing.assert_allclose(buffer.tree.leaves[[0, 2, 5, 6, 7, 8]], 1.0)
+    assert buffer.max_priority == pytest.approx(5.0)
+    assert buffer.tree.total == pytest.approx(6 + float(np.sum(priorities.astype(np.float64) ** alpha)), rel=1e-6)
+
+    # A transition added now enters with the largest priority seen so far.
+    slot = buffer.add(np.zeros(3), np.zeros(1), 0.0, np.zeros(3), False)
+    buffer.sample(4)
+    assert buffer.tree.leaves[slot] == pytest.approx(5.0 ** alpha, rel=1e-6)
+
+    # Lower priorities never lower max_priority.
+    buffer.update_priorities(np.array([0]), torch.tensor([0.01]))
+    assert buffer.max_priority == pytest.approx(5.0)
+
+
+def test_new_transition_in_a_just_sampled_slot_keeps_max_priority():
+    """sample -> add (overwrites a sampled slot) -> update_priorities with the stale index: the new transition
+    must still enter with the largest priority, not the old transition's TD error."""
+    alpha = 0.5
+    buffer = PrioritizedReplayBuffer(4, 3, 1, alpha=alpha)
+    fill(buffer, 4)
+    batch = buffer.sample(4)
+    buffer.update_priorities(np.arange(4), torch.tensor([4.0, 1.0, 1.0, 1.0]))
+    batch = buffer.sample(64)
+    assert 0 in batch.indices
+    slot = buffer.add(np.full(3, 99.0), np.zeros(1), 0.0, np.zeros(3), False)
+    assert slot == 0
+    buffer.update_priorities(np.zeros(64, dtype=np.int64), torch.full((64,), 0.01))
+    buffer.sample(1)
+    assert buffer.tree.leaves[0] == pytest.approx(4.0 ** alpha)
+
+
+def test_update_priorities_rejects_non_finite():
+    buffer = PrioritizedReplayBuffer(16, 3, 1)
+    fill(buffer, 8)
+    buffer.sample(4)
+    before = buffer.tree.leaves.copy()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(TrainingDivergedError):
+            buffer.update_priorities(np.array([0, 1]), torch.tensor([1.0, bad]))
+    np.testing.assert_array_equal(buffer.tree.leaves, before)
+    assert buffer.max_priority == 1.0
+
+
+@pytest.mark.parametrize("kind", ["uniform", "prioritized"])
+def test_replay_wraps_around_and_samples_only_stored_values(kind):
+    capacity = 8
+    buffer = (ReplayBuffer(capacity, 3, 1, seed=1) if kind == "uniform"
+              else PrioritizedReplayBuffer(capacity, 3, 1, seed=1))
+    fill(buffer, 21)
+    assert len(buffer) == buffer.size == capacity
+    assert buffer.pos == 21 % capacity
+    stored = sorted(buffer.obs[:, 0].tolist())
+    assert stored == list(map(float, range(13, 21)))  # the oldest 13 transitions were overwritten
+    for slot in range(capacity):
+        i = int(buffer.obs[slot, 0])
+        assert i % capacity == slot  # transition i lives in slot i % capacity
+    seen = set()
+    for _ in range(50):
+        batch = buffer.sample(16)
+        i = batch.obs[:, 0]
+        assert set(i.tolist()) <= set(range(13, 21))
+        torch.testing.assert_close(batch.rewards, i)
+        torch.testing.assert_close(batch.next_obs, batch.obs + 0.5)
+        torch.testing.assert_close(batch.actions[:, 0], i / 1000.0)
+        torch.testing.assert_close(batch.terminated, (i.long() % 3 == 0).float())
+        np.testing.assert_array_equal(batch.indices, i.long().numpy() % capacity)
+        seen.update(i.tolist())
+    assert seen == set(map(float, range(13, 21)))
+    if kind == "prioritized":
+        assert buffer.tree.total == pytest.approx(capacity)  # 8 live slots at priority 1, none beyond
+
+
+def test_prioritized_state_dict_round_trip_gives_identical_samples_and_tree(tmp_path):
+    alpha = 0.7
+    a = PrioritizedReplayBuffer(32, 3, 1, alpha=alpha, seed=9)
+    fill(a, 45)  # wrapped around
+    batch = a.sample(16)
+    a.update_priorities(batch.indices, torch.rand(16, generator=torch.Generator().manual_seed(0)) * 3)
+    fill(a, 3, start=100)  # pending new slots must be part of the state
+    path = tmp_path / "buffer.pt"
+    torch.save(a.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+
+    b = PrioritizedReplayBuffer(32, 3, 1, alpha=alpha, seed=12345)
+    b.load_state_dict(state)
+    assert (b.pos, b.size, b.max_priority) == (a.pos, a.size, a.max_priority)
+    np.testing.assert_array_equal(b.tree.leaves, a.tree.leaves)
+    np.testing.assert_array_equal(b.tree.inner, a.tree.inner)
+    for _ in range(5):
+        x, y = a.sample(16, beta=0.5), b.sample(16, beta=0.5)
+        np.testing.assert_array_equal(x.indices, y.indices)
+        for name in ("obs", "actions", "rewards", "next_obs", "terminated", "weights"):
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
+
+
+# ============================================================================================
+# 3. ReplayBuffer (uniform)
+# ============================================================================================
+
+def test_uniform_batch_shapes_dtypes_and_unit_weights():
+    obs_dim, action_dim = 5, 2
+    buffer = ReplayBuffer(100, obs_dim, action_dim, seed=0)
+    fill(buffer, 30, obs_dim, action_dim)
+    batch = buffer.sample(64)
+    assert batch.obs.shape == (64, obs_dim) and batch.next_obs.shape == (64, obs_dim)
+    assert batch.actions.shape == (64, action_dim)
+    assert batch.rewards.shape == batch.terminated.shape == batch.weights.shape == (64,)
+    for t in (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.weights):
+        assert t.dtype == torch.float32
+    assert isinstance(batch.indices, np.ndarray) and batch.indices.shape == (64,)
+    assert np.all((batch.indices >= 0) & (batch.indices < 30))
+    torch.testing.assert_close(batch.weights, torch.ones(64))
+    # Sampling is uniform over the 30 filled slots, never beyond.
+    counts = np.bincount(np.concatenate([buffer.sample(300).indices for _ in range(100)]), minlength=100)
+    assert counts[30:].sum() == 0
+    expected = 30_000 / 30
+    assert np.all(np.abs(counts[:30] - expected) < 6 * math.sqrt(expected))
+
+
+def test_uniform_terminated_is_stored_apart_from_truncation():
+    buffer = ReplayBuffer(16, 1, 1, seed=0)
+    # Transition 0 is a time-limit cut (terminated=False), transition 1 a real end.
+    buffer.add(np.array([0.0]), np.array([0.0]), 1.0, np.array([1.0]), terminated=False)
+    buffer.add(np.array([1.0]), np.array([0.0]), 2.0, np.array([2.0]), terminated=True)
+    batch = buffer.sample(200)
+    truncated = batch.obs[:, 0] == 0
+    assert truncated.any() and (~truncated).any()
+    assert torch.all(batch.terminated[truncated] == 0.0)
+    assert torch.all(batch.terminated[~truncated] == 1.0)
+
+
+def test_uniform_state_dict_round_trip_holds_only_filled_part(tmp_path):
+    a = ReplayBuffer(1000, 3, 1, seed=4)
+    fill(a, 37)
+    a.sample(8)  # advance the RNG
+    state = a.state_dict()
+    for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+        assert state[name].shape[0] == 37, name
+    assert state["size"] == 37 and state["pos"] == 37 and state["capacity"] == 1000
+    torch.save(state, tmp_path / "b.pt")
+    b = ReplayBuffer(1000, 3, 1, seed=99)
+    b.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    assert (len(b), b.pos) == (37, 37)
+    for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
+    for _ in range(3):
+        x, y = a.sample(32), b.sample(32)
+        np.testing.assert_array_equal(x.indices, y.indices)
+        torch.testing.assert_close(x.obs, y.obs)
+    with pytest.raises(CheckpointError):
+        ReplayBuffer(500, 3, 1).load_state_dict(state)
+
+
+# ============================================================================================
+# 4-5. Policy math
+# ============================================================================================
+
+def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    log_std = torch.rand(64, 3, generator=g, dtype=torch.float64) * 2 - 1.5
+    u = (mean + log_std.exp() * torch.randn(64, 3, generator=g, dtype=torch.float64)).clamp(-3, 3)
+    reference = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)])
+    expected = reference.log_prob(torch.tanh(u)).sum(-1)
+    got = tanh_gaussian_log_prob(u, mean, log_std)
+    assert got.shape == (64,)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-7)
+    # float32 too, against the same float64 reference
+    got32 = tanh_gaussian_log_prob(u.float(), mean.float(), log_std.float())
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tanh_gaussian_log_prob_finite_where_tanh_saturates():
+    for value in (30.0, -30.0, 100.0):
+        u = torch.full((1, 2), value)
+        mean, log_std = torch.zeros(1, 2), torch.zeros(1, 2)
+        got = tanh_gaussian_log_prob(u, mean, log_std)
+        assert torch.isfinite(got).all()
+        # log(1 - tanh(u)^2) -> log 4 - 2|u| for large |u|
+        expected = 2 * (-0.5 * value ** 2 - 0.5 * math.log(2 * math.pi) - (math.log(4.0) - 2 * abs(value)))
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gaussian_policy_sample_shapes_and_range():
+    torch.manual_seed(0)
+    policy = GaussianPolicy(4, 3, HIDDEN)
+    obs = torch.randn(128, 4) * 5
+    action, log_prob = policy.sample(obs)
+    assert action.shape == (128, 3) and log_prob.shape == (128,)
+    assert torch.all(action.abs() <= 1.0) and torch.isfinite(log_prob).all()
+    with torch.no_grad():
+        policy.log_std.bias.fill_(LOG_STD_MAX)  # wide: many samples saturate to +-1
+    action, log_prob = policy.sample(obs)
+    assert torch.all(action.abs() <= 1.0) and torch.isfinite(log_prob).all()
+    assert action.abs().max() > 0.99
+    det = policy.deterministic(obs)
+    assert det.shape == (128, 3) and torch.all(det.abs() <= 1.0)
+
+
+def test_gaussian_policy_log_std_clamped_to_range():
+    assert (LOG_STD_MIN, LOG_STD_MAX) == (-20.0, 2.0)
+    policy = GaussianPolicy(4, 2, HIDDEN)
+    obs = torch.randn(10, 4)
+    with torch.no_grad():
+        policy.log_std.weight.zero_()
+        policy.log_std.bias.copy_(torch.tensor([100.0, -100.0]))
+    _, log_std = policy(obs)
+    assert torch.all(log_std[:, 0] == LOG_STD_MAX)
+    assert torch.all(log_std[:, 1] == LOG_STD_MIN)
+    with torch.no_grad():
+        policy.log_std.bias.copy_(torch.tensor([1.5, -19.0]))
+    _, log_std = policy(obs)
+    torch.testing.assert_close(log_std, torch.tensor([1.5, -19.0]).expand(10, 2))
+
+
+# ============================================================================================
+# 6. Acting
+# ============================================================================================
+
+def _check_actions_in_bounds(agent: SACAgent, low: np.ndarray, high: np.ndarray, states: list[np.ndarray]):
+    for state in states:
+        for evaluate in (False, True):
+            a = agent.select_action(state, evaluate=evaluate)
+            assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == low.shape
+            assert np.all(a >= low) and np.all(a <= high), (a, low, high)
+
+
+def _deterministic_by_hand(agent: SACAgent, state: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        mean, _ = agent.actor(torch.as_tensor(state, dtype=torch.float32).reshape(1, -1))
+    low, high = agent.action_low.astype(np.float64), agent.action_high.astype(np.float64)
+    return np.tanh(mean[0].double().numpy()) * (high - low) / 2 + (high + low) / 2
+
+
+@pytest.mark.parametrize("bounds", ["pendulum", "asymmetric"])
+def test_select_action_inside_bounds_and_rescaled(bounds):
+    torch.manual_seed(0)
+    if bounds == "pendulum":
+        env = make_env("Pendulum-v1")
+        low, high = env.action_space.low, env.action_space.high
+        assert np.all(low == -2) and np.all(high == 2)
+        agent = SACAgent(env.observation_space.shape[0], low, high, small_config(), env_id="Pendulum-v1")
+        obs, _ = env.reset(seed=0)
+        states = [obs]
+        for _ in range(20):
+            obs, *_ = env.step(env.action_space.sample())
+            states.append(obs)
+        env.close()
+    else:
+        low, high = np.array([0.0, -5.0], dtype=np.float32), np.array([1.0, 5.0], dtype=np.float32)
+        agent = SACAgent(4, low, high, small_config(env="Custom-v0"))
+        states = [np.random.default_rng(i).normal(size=4) * 3 for i in range(20)]
+    _check_actions_in_bounds(agent, low, high, states)
+
+    # Deterministic: same input, same output, equal to tanh(mean) rescaled by hand.
+    for state in states[:5]:
+        a1, a2 = agent.select_action(state, evaluate=True), agent.select_action(state, evaluate=True)
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_allclose(a1, _deterministic_by_hand(agent, state), rtol=1e-5, atol=1e-5)
+    # Stochastic actions vary.
+    samples = np.stack([agent.select_action(states[0]) for _ in range(50)])
+    assert np.all(samples.std(axis=0) > 1e-3)
+
+    # A wide policy pushes tanh to +-1: actions reach the edges of the env's bounds, never beyond.
+    with torch.no_grad():
+        agent.actor.log_std.bias.fill_(LOG_STD_MAX)
+    _check_actions_in_bounds(agent, low, high, states)
+    samples = np.stack([agent.select_action(s) for s in states for _ in range(10)])
+    span = high - low
+    assert np.all(samples.min(axis=0) < low + 0.05 * span) and np.all(samples.max(axis=0) > high - 0.05 * span)
+
+
+# ============================================================================================
+# 7-9. Learning
+# ============================================================================================
+
+def test_critic_updates_lower_td_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    agent = pendulum_agent(lr_critic=3e-3)
+    batch = random_batch(3, 1, 64, seed=1)
+    losses = []
+    for _ in range(60):
+        metrics = agent.update(batch)
+        losses.append((metrics["critic1_loss"].item(), metrics["critic2_loss"].item()))
+        assert set(metrics) >= {"critic1_loss", "critic2_loss", "actor_loss", "alpha_loss", "alpha", "mean_q",
+                                "entropy", "priorities"}
+    losses = np.array(losses)
+    assert np.all(np.isfinite(losses))
+    start, end = losses[:3].mean(0), losses[-5:].mean(0)
+    assert np.all(end < 0.4 * start), (start, end)  # measured: ~1.15 -> ~0.13
+    assert metrics["priorities"].shape == (64,) and torch.all(metrics["priorities"] > 0)
+
+
+def test_update_priorities_are_mean_abs_td_error_plus_eps():
+    torch.manual_seed(3)
+    agent = pendulum_agent()
+    batch = random_batch(3, 1, 32, seed=2)
+    with torch.no_grad():
+        q_before = agent.critic(batch.obs, batch.actions)
+    torch.manual_seed(7)
+    targets = agent.critic_targets(batch, agent.alpha)
+    torch.manual_seed(7)  # the update draws the same next actions first
+    metrics = agent.update(batch)
+    expected = (q_before - targets).abs().mean(0) + sac_model.PRIORITY_EPS
+    torch.testing.assert_close(metrics["priorities"], expected)
+    torch.testing.assert_close(metrics["critic1_loss"], (q_before[0] - targets).pow(2).mean())
+
+
+def test_critic_targets_bootstrap_only_when_not_terminated():
+    torch.manual_seed(0)
+    agent = pendulum_agent(gamma=0.9)
+    batch = random_batch(3, 1, 16, seed=3)
+    batch.terminated = torch.tensor([1.0, 0.0] * 8)
+    torch.manual_seed(1)
+    targets = agent.critic_targets(batch, agent.alpha)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        next_action, next_log_prob = agent.actor.sample(batch.next_obs)
+        soft = agent.critic_target(batch.next_obs, next_action).min(0).values - agent.alpha * next_log_prob
+    torch.testing.assert_close(targets[::2], batch.rewards[::2])
+    torch.testing.assert_close(targets[1::2], batch.rewards[1::2] + 0.9 * soft[1::2])
+
+
+def test_soft_update_arithmetic():
+    tau = 0.25
+    agent = pendulum_agent(tau=tau)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in agent.critic.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        for p in agent.critic_target.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    old_target = [p.detach().clone() for p in agent.critic_target.parameters()]
+    online = [p.detach().clone() for p in agent.critic.parameters()]
+    agent.soft_update_targets()
+    for new, old, on in zip(agent.critic_target.parameters(), old_target, online):
+        torch.testing.assert_close(new, (1 - tau) * old + tau * on, rtol=1e-6, atol=1e-6)
+    for p, on in zip(agent.critic.parameters(), online):
+        torch.testing.assert_close(p, on, rtol=0, atol=0)  # the online critic is untouched
+
+
+def test_update_soft_updates_targets_after_gradient_step():
+    tau = 0.1
+    agent = pendulum_agent(tau=tau)
+    old_target = [p.detach().clone() for p in agent.critic_target.parameters()]
+    agent.update(random_batch(3, 1, 16))
+    for new, old, on in zip(agent.critic_target.parameters(), old_target, agent.critic.parameters()):
+        torch.testing.assert_close(new, (1 - tau) * old + tau * on.detach(), rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(n, o) for n, o in zip(agent.critic_target.parameters(), old_target))
+
+
+def test_alpha_loss_moves_temperature_towards_target_entropy():
+    for log_prob_value, direction in ((5.0, +1), (-5.0, -1)):  # entropy below target / above target
+        agent = pendulum_agent(lr_alpha=0.01)  # fresh Adam moments for each direction
+        assert agent.target_entropy == -1.0
+        assert agent.alpha.item() == pytest.approx(0.2)
+        before = agent.log_alpha.item()
+        loss = agent.alpha_loss(torch.full((32,), log_prob_value))
+        agent.alpha_optimizer.zero_grad()
+        loss.backward()
+        agent.alpha_optimizer.step()
+        after = agent.log_alpha.item()
+        assert direction * (after - before) > 0.5 * 0.01, (log_prob_value, before, after)
+
+
+@pytest.mark.parametrize("log_std_bias, direction", [(-5.0, +1), (0.0, -1)])
+def test_whole_update_moves_temperature_right_way(log_std_bias, direction):
+    """A near-deterministic policy (std e^-5) has too little entropy: alpha rises. N(0, 1) before tanh in one
+    dimension has log-prob around -0.6 < 1 = -target_entropy, too much entropy: alpha falls."""
+    torch.manual_seed(0)
+    agent = pendulum_agent(lr_alpha=0.01, lr_actor=1e-6)
+    with torch.no_grad():
+        agent.actor.log_std.weight.zero_()
+        agent.actor.log_std.bias.fill_(log_std_bias)
+        agent.actor.mean.weight.zero_()
+        agent.actor.mean.bias.zero_()
+    batch = random_batch(3, 1, 64)
+    start = agent.log_alpha.item()
+    for _ in range(3):
+        metrics = agent.update(batch)
+        assert direction * (-metrics["entropy"].item() + agent.target_entropy) > 0
+    assert direction * (agent.log_alpha.item() - start) > 0.02
+
+
+# ============================================================================================
+# 10. Save / load
+# ============================================================================================
+
+def test_save_load_round_trip_gives_identical_actions_and_updates(tmp_path):
+    torch.manual_seed(0)
+    agent = pendulum_agent()
+    batch = random_batch(3, 1, 16)
+    for _ in range(3):
+        agent.update(batch)
+    agent.step_schedulers()
+    path = agent.save(tmp_path / "a.pt", training={"step": 7})
+    assert path == tmp_path / "a.pt" and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
+
+    loaded = SACAgent.load(path)
+    states = [np.random.default_rng(i).normal(size=3).astype(np.float32) for i in range(5)]
+    for s in states:
+        np.testing.assert_array_equal(agent.select_action(s, evaluate=True), loaded.select_action(s, evaluate=True))
+        torch.manual_seed(42)
+        a = agent.select_action(s)
+        torch.manual_seed(42)
+        b = loaded.select_action(s)
+        np.testing.assert_array_equal(a, b)
+    assert loaded.log_alpha.item() == agent.log_alpha.item()
+    assert loaded.learning_rates() == agent.learning_rates()
+    for x, y in zip(agent.critic_target.parameters(), loaded.critic_target.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # Optimizer moments were restored too: the next update is the same.
+    torch.manual_seed(1)
+    m1 = agent.update(batch)
+    torch.manual_seed(1)
+    m2 = loaded.update(batch)
+    for key in ("critic1_loss", "critic2_loss", "actor_loss", "alpha_loss"):
+        torch.testing.assert_close(m1[key], m2[key])
+    for x, y in zip(agent.critic.parameters(), loaded.critic.parameters()):
+        torch.testing.assert_close(x, y)
+
+
+def test_checkpoint_metadata_and_weights_only_loading(tmp_path):
+    config = small_config()
+    agent = pendulum_agent()
+    path = agent.save(tmp_path / "a.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["format_version"] == CHECKPOINT_VERSION
+    meta = raw["metadata"]
+    assert meta["env_id"] == "Pendulum-v1"
+    assert (meta["obs_dim"], meta["action_dim"]) == (3, 1)
+    assert meta["action_low"] == [-2.0] and meta["action_high"] == [2.0]
+    assert meta["config"] == dataclasses.asdict(config)
+    versions = meta["versions"]
+    assert versions["torch"] == str(torch.__version__)
+    assert versions["gymnasium"] == gym.__version__ and versions["numpy"] == np.__version__
+    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["metadata"] == meta
+
+
+# ============================================================================================
+# 11-12. Fused critics
+# ============================================================================================
+
+def _separate_critics(obs_dim: int, action_dim: int, layer_norm: bool) -> list[QNetwork]:
+    torch.manual_seed(11)
+    nets = [QNetwork(obs_dim, action_dim, HIDDEN, layer_norm) for _ in range(2)]
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        for net in nets:
+            for m in net.trunk:
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.3, 0.3)
+    return nets
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_twin_q_network_matches_separate_critics_outputs_and_gradients(layer_norm):
+    obs_dim, action_dim = 5, 2
+    nets = _separate_critics(obs_dim, action_dim, layer_norm)
+    twin = TwinQNetwork.from_q_networks(nets)
+    assert twin.layer_norm == layer_norm
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(40, obs_dim, generator=g)
+    action = (torch.rand(40, action_dim, generator=g) * 2 - 1).requires_grad_(True)
+    coeffs = torch.randn(2, 40, generator=g)
+
+    out = twin(obs, action)
+    assert out.shape == (2, 40)
+    separate = torch.stack([net(obs, action) for net in nets])
+    torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
+
+    # Gradients w.r.t. the action input, critic by critic.
+    for i in range(2):
+        (g_twin,) = torch.autograd.grad((out[i] * coeffs[i]).sum(), action, retain_graph=True)
+        (g_sep,) = torch.autograd.grad((separate[i] * coeffs[i]).sum(), action, retain_graph=True)
+        torch.testing.assert_close(g_twin, g_sep, rtol=1e-5, atol=1e-6)
+        assert g_twin.abs().sum() > 0
+
+    # Gradients w.r.t. every parameter: slice i of each stacked tensor is critic i's gradient.
+    (out * coeffs).sum().backward(retain_graph=True)
+    (separate * coeffs).sum().backward()
+    for i, net in enumerate(nets):
+        linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
+        for layer, linear in enumerate(linears):
+            torch.testing.assert_close(twin.weights[layer].grad[i], linear.weight.grad.T, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(twin.biases[layer].grad[i, 0], linear.bias.grad, rtol=1e-4, atol=1e-6)
+        norms = [m for m in net.trunk if isinstance(m, nn.LayerNorm)]
+        assert len(norms) == (2 if layer_norm else 0)
+        for layer, norm in enumerate(norms):
+            torch.testing.assert_close(twin.norm_weights[layer].grad[i, 0], norm.weight.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(twin.norm_biases[layer].grad[i, 0], norm.bias.grad, rtol=1e-4, atol=1e-6)
+    n_separate = sum(p.numel() for p in nets[0].parameters()) * 2
+    assert sum(p.numel() for p in twin.parameters()) == n_separate
+
+
+def test_twin_q_network_critics_are_independent():
+    twin = TwinQNetwork(3, 1, HIDDEN, True)
+    obs, action = torch.randn(8, 3), torch.randn(8, 1)
+    twin(obs, action)[0].sum().backward()
+    for p in twin.parameters():
+        assert p.grad[1].abs().sum() == 0  # critic 1 gets nothing from critic 0's output
+    assert any(p.grad[0].abs().sum() > 0 for p in twin.parameters())
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1.0, 1e6])
+def test_clip_grad_norm_per_member_matches_separate_clipping(max_norm):
+    obs_dim, action_dim = 4, 2
+    nets = _separate_critics(obs_dim, action_dim, True)
+    twin = TwinQNetwork.from_q_networks(nets)
+    g = torch.Generator().manual_seed(1)
+    obs, action = torch.randn(32, obs_dim, generator=g), torch.randn(32, action_dim, generator=g)
+    scales = torch.tensor([[30.0], [0.3]])  # critic 0 gets large gradients, critic 1 small ones
+    (twin(obs, action) * scales).pow(2).sum().backward()
+    for i, net in enumerate(nets):
+        (net(obs, action) * scales[i]).pow(2).sum().backward()
+
+    norms = clip_grad_norm_per_member_(list(twin.parameters()), max_norm)
+    separate_norms = [torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm) for net in nets]
+    torch.testing.assert_close(norms, torch.stack(separate_norms), rtol=1e-4, atol=1e-6)
+    assert norms[0] > norms[1]
+    for i, net in enumerate(nets):
+        linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
+        for layer, linear in enumerate(linears):
+            torch.testing.assert_close(twin.weights[layer].grad[i], linear.weight.grad.T, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(twin.biases[layer].grad[i, 0], linear.bias.grad, rtol=1e-4, atol=1e-7)
+        for layer, norm in enumerate(m for m in net.trunk if isinstance(m, nn.LayerNorm)):
+            torch.testing.assert_close(twin.norm_weights[layer].grad[i, 0], norm.weight.grad, rtol=1e-4, atol=1e-7)
+        clipped = torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters()))
+        assert clipped <= max_norm * (1 + 1e-4)
+
+
+# ============================================================================================
+# 13. Checkpoint safety
+# ============================================================================================
+
+class _TouchPayload:
+    """Unpickling this object creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (Path(self.target),))
+
+
+def _assert_refused(path: Path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError) as info2:
+        SACAgent.load(path)
+    assert str(path) in str(info2.value)
+    return str(info.value)
+
+
+def test_checkpoint_refuses_missing_garbage_truncated_and_foreign_files(tmp_path):
+    _assert_refused(tmp_path / "missing.pt")
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    _assert_refused(garbage)
+
+    real = pendulum_agent().save(tmp_path / "real.pt")
+    data = real.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    _assert_refused(truncated)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
+    assert "marker" in _assert_refused(foreign)
+
+    checkpoint = torch.load(real, weights_only=True)
+    checkpoint["format_version"] = 99
+    future = tmp_path / "future.pt"
+    torch.save(checkpoint, future)
+    assert "99" in _assert_refused(future)
+
+    # The real checkpoint is accepted: the refusals above are not blanket failures.
+    assert read_checkpoint(real)["format_version"] == CHECKPOINT_VERSION
+    assert SACAgent.load(real).obs_dim == 3
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_checkpoint_is_refused_and_runs_no_code(tmp_path, writer):
+    # Control: the payload really creates its file when unpickled without protection.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_TouchPayload(control)))
+    assert control.exists()
+
+    pwned = tmp_path / "pwned"
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+               "metadata": {"x": _TouchPayload(pwned)}, "agent": {}}
+    path = tmp_path / "final.pt"
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle)
+    assert not pwned.exists()
+    message = _assert_refused(path)
+    assert not pwned.exists(), "loading a checkpoint ran code from the pickle"
+    assert "not a loadable checkpoint" in message
+    with pytest.raises(CheckpointError):
+        read_checkpoint(find_checkpoint(tmp_path))
+    assert not pwned.exists()
+
+
+def test_check_checkpoint_fits_env_refuses_other_env(tmp_path):
+    env = make_env("Pendulum-v1")
+    agent = SACAgent(3, env.action_space.low, env.action_space.high, small_config(), env_id="Pendulum-v1")
+    path = agent.save(tmp_path / "pendulum.pt")
+    checkpoint = read_checkpoint(path)
+    check_checkpoint_fits_env(checkpoint, env, path)  # fits its own env
+    env.close()
+    lunar = make_env("LunarLanderContinuous-v3")
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_fits_env(checkpoint, lunar, path)
+    assert str(path) in str(info.value) and "Pendulum-v1" in str(info.value)
+    lunar.close()
+    # Same observation size but other bounds is refused too.
+    tampered = dict(checkpoint, metadata=dict(checkpoint["metadata"], action_low=[-1.0], action_high=[1.0]))
+    env = make_env("Pendulum-v1")
+    with pytest.raises(CheckpointError):
+        check_checkpoint_fits_env(tampered, env, path)
+    env.close()
+
+
+# ============================================================================================
+# 14. Config, environments and the PER beta schedule
+# ============================================================================================
+
+@pytest.mark.parametrize("overrides", [
+    dict(buffer_size=-5), dict(hidden_size=0), dict(batch_size=-1), dict(episodes=0),
+    dict(batch_size=512, buffer_size=100), dict(gamma=1.5), dict(gamma=0.0), dict(gamma=-0.1),
+    dict(tau=0.0), dict(tau=2.0), dict(start_steps=-1), dict(lr_actor=0.0), dict(per_beta_start=1.5),
+    dict(max_steps=0), dict(buffer="ring"),
+])
+def test_config_validate_rejects_invalid_values(overrides):
+    with pytest.raises(ConfigError):
+        SACConfig(**overrides).validate()
+
+
+def test_config_defaults_are_valid_and_match_spec():
+    config = SACConfig()
+    config.validate()
+    assert config.env == "LunarLanderContinuous-v3"
+    assert (config.hidden_size, config.buffer_size, config.batch_size) == (256, 1_000_000, 256)
+    assert (config.gamma, config.tau, config.init_alpha) == (0.99, 0.005, 0.2)
+    assert (config.lr_actor, config.lr_critic, config.lr_alpha) == (3e-4, 3e-4, 3e-4)
+    assert (config.per_alpha, config.per_beta_start, config.grad_clip) == (0.6, 0.4, 1.0)
+    SACConfig(gamma=1.0, batch_size=100, buffer_size=100).validate()  # boundaries are allowed
+
+
+@pytest.mark.parametrize("env_id", ["NoSuchEnv-v0", "LunarLanderContinuous-v2", "CartPole-v1"])
+def test_make_env_rejects_unknown_retired_and_discrete_envs(env_id):
+    with pytest.raises(ConfigError) as info:
+        make_env(env_id)
+    assert env_id in str(info.value)
+
+
+def test_make_env_accepts_box_envs_and_applies_time_limit():
+    env = make_env("Pendulum-v1", max_steps=7)
+    assert isinstance(env.action_space, gym.spaces.Box)
+    env.reset(seed=0)
+    steps, truncated = 0, False
+    while not truncated:
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        steps += 1
+        assert not terminated
+    assert steps == 7
+    env.close()
+
+
+def test_per_beta_anneals_linearly_to_one_and_stays():
+    config = SACConfig(episodes=10, max_steps=100, per_beta_start=0.4)
+    horizon = 1000
+    for step in (0, 1, 250, 500, 999):
+        assert per_beta(config, step) == pytest.approx(0.4 + 0.6 * step / horizon, abs=1e-12)
+    for step in (horizon, horizon + 1, 10 * horizon):
+        assert per_beta(config, step) == pytest.approx(1.0, abs=1e-12)
+    assert per_beta(SACConfig(episodes=2, max_steps=50, per_beta_start=1.0), 30) == pytest.approx(1.0)
+
+
+# ============================================================================================
+# 15. Checkpoint files
+# ============================================================================================
+
+def _touch_with_mtime(path: Path, mtime: float) -> Path:
+    path.write_bytes(b"x")
+    os.utime(path, ns=(int(mtime * 1e9), int(mtime * 1e9)))
+    return path
+
+
+def test_prune_checkpoints_keeps_newest_periodic_and_final(tmp_path):
+    # mtime order = step order, which differs from lexicographic order (step_1000 < step_200 as text).
+    names = ["step_200.pt", "step_400.pt", "step_600.pt", "step_800.pt", "step_1000.pt", "step_1200.pt"]
+    for k, name in enumerate(names):
+        _touch_with_mtime(tmp_path / name, 1_000_000 + 10 * k)
+    _touch_with_mtime(tmp_path / "final.pt", 1_000_000 - 50)  # oldest of all, still kept
+    _touch_with_mtime(tmp_path / "notes.txt", 1_000_000 - 60)
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["step_1000.pt", "step_1200.pt", "final.pt",
+                                                                 "notes.txt"])
+    prune_checkpoints(tmp_path, keep=5)  # fewer than keep: nothing more is deleted
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_find_checkpoint_resolves_file_folder_run_name_and_refuses_missing(tmp_path, monkeypatch):
+    run = tmp_path / "run1"
+    run.mkdir()
+    newest = _touch_with_mtime(run / "step_100.pt", 2_000_000)
+    _touch_with_mtime(run / "step_900.pt", 1_999_000)
+    _touch_with_mtime(run / "final.pt", 1_998_000)
+    _touch_with_mtime(run / ".final.pt.123.tmp", 2_100_000)  # a temporary file never counts
+    assert find_checkpoint(run / "final.pt") == run / "final.pt"
+    assert find_checkpoint(str(run / "step_900.pt")) == run / "step_900.pt"
+    assert find_checkpoint(run) == newest
+    monkeypatch.setattr(sac_model, "CHECKPOINTS_DIR", tmp_path)
+    assert find_checkpoint("run1") == newest
+    assert find_checkpoint(None) == newest
+    with pytest.raises(CheckpointError) as info:
+        find_checkpoint(tmp_path / "nope")
+    assert "nope" in str(info.value)
+    with pytest.raises(CheckpointError):
+        find_checkpoint("no_such_run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError):
+        find_checkpoint(tmp_path / "empty")
+
+
+def test_atomic_save_leaves_previous_file_intact_when_save_fails(tmp_path):
+    path = tmp_path / "ckpt" / "final.pt"
+    atomic_save({"a": torch.arange(3)}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["final.pt"]
+    with pytest.raises(Exception):
+        atomic_save({"a": torch.zeros(1), "bad": lambda: 0}, path)  # a lambda cannot be pickled
+    assert [p.name for p in path.parent.iterdir()] == ["final.pt"]  # no temporary file left behind
+    loaded = torch.load(path, weights_only=True)
+    torch.testing.assert_close(loaded["a"], torch.arange(3))
+    atomic_save({"a": torch.ones(2)}, path)
+    torch.testing.assert_close(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["final.pt"]
+
+
+# ============================================================================================
+# 16. RNG state
+# ============================================================================================
+
+def _draw(env: gym.Env) -> list:
+    return [random.random(), random.randint(0, 10 ** 9), np.random.random(4), np.random.normal(size=3),
+            torch.rand(4), torch.randn(3), env.reset()[0], env.action_space.sample(), env.reset()[0]]
+
+
+def _assert_same_draws(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_rng_state_capture_restore_replays_every_generator(tmp_path):
+    env = make_env("Pendulum-v1")
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    env.reset(seed=4)
+    env.action_space.seed(5)
+    _draw(env)  # move every generator away from its seed
+    np.random.normal()  # leaves a cached gaussian in numpy's legacy state
+
+    state = capture_rng_state(env)
+    first = _draw(env)
+    second = _draw(env)
+    with pytest.raises(AssertionError):
+        _assert_same_draws(first, second)  # the draws do move on
+
+    restore_rng_state(state, env)
+    _assert_same_draws(_draw(env), first)
+
+    # The state is plain data: it survives weights_only serialisation and still restores exactly.
+    torch.save(state, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+    _draw(env)
+    restore_rng_state(loaded, env)
+    _assert_same_draws(_draw(env), first)
+    env.close()

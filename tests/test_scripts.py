@@ -1,0 +1,288 @@
+"""End-to-end tests of train.py and visualize.py as a user runs them: real env, real files, real signals."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sac_model import SACAgent, read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+# Pendulum-v1: 200-step episodes (always truncated), action bounds [-2, 2]; small networks keep it fast.
+SMALL = ["--env", "Pendulum-v1", "--hidden-size", "32", "--batch-size", "32", "--buffer-size", "5000",
+         "--start-steps", "200", "--update-after", "200", "--threads", "1", "--device", "cpu"]
+EXPECTED_TAGS = {
+    "losses/critic1", "losses/critic2", "losses/actor", "losses/alpha", "charts/alpha", "charts/mean_q",
+    "charts/entropy", "charts/lr_actor", "charts/lr_critic", "charts/lr_alpha", "charts/per_beta",
+    "charts/episode_return", "charts/episode_length", "charts/steps_per_second", "eval/return_mean",
+    "eval/return_std",
+}
+
+
+def script_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=script_env())
+
+
+def start_train(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def scalar_tags(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return accumulator
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, code: int = 2) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.strip().splitlines() if "step/s" not in line]  # minus the progress bar
+    assert len(message) == 1, result.stderr
+    assert fragment in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One short Pendulum training shared by the tests that need a real run and checkpoint."""
+    cwd = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", cwd, *SMALL, "--episodes", "10", "--checkpoint-every", "2",
+                        "--keep-checkpoints", "2", "--eval-every", "5", "--eval-episodes", "1", "--run-name", "small")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoints/small/final.pt" in result.stdout
+    return cwd
+
+
+def test_train_writes_tensorboard_tags_and_checkpoints(trained_run: Path) -> None:
+    events = scalar_tags(trained_run / "runs" / "small")
+    assert EXPECTED_TAGS <= set(events.Tags()["scalars"])
+    returns = events.Scalars("charts/episode_return")
+    assert [e.step for e in returns] == [200 * i for i in range(1, 11)]
+    assert [e.step for e in events.Scalars("eval/return_mean")] == [1000, 2000]
+    # Periodic checkpoints pruned to the newest two; final.pt always kept.
+    names = sorted(p.name for p in (trained_run / "checkpoints" / "small").glob("*.pt"))
+    assert names == ["final.pt", "step_000001600.pt", "step_000002000.pt"]
+    agent = SACAgent.load(trained_run / "checkpoints" / "small" / "final.pt")
+    assert agent.env_id == "Pendulum-v1" and agent.config.hidden_size == 32
+    training = read_checkpoint(trained_run / "checkpoints" / "small" / "final.pt")["training"]
+    assert training["global_step"] == 2000 and training["episode"] == 10
+    assert training["buffer"]["size"] == 2000
+
+
+def test_visualize_writes_playable_mp4s_of_the_newest_checkpoint(trained_run: Path) -> None:
+    result = run_script("visualize.py", trained_run, "--episodes", "2")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoints/small/final.pt" in result.stdout
+    assert result.stdout.count("episode ") >= 2 and "mean return" in result.stdout
+    videos = sorted((trained_run / "videos").glob("*.mp4"))
+    assert len(videos) == 2
+    reader = imageio.get_reader(videos[0], "ffmpeg")
+    frames = [frame for frame in reader]
+    assert len(frames) >= 150  # a 200-step episode, rendered frame by frame
+    assert frames[0].ndim == 3 and frames[0].shape[2] == 3 and frames[0].std() > 0
+    # A second call adds videos instead of overwriting the first ones.
+    assert run_script("visualize.py", trained_run, "--episodes", "1").returncode == 0
+    assert set(videos) < set((trained_run / "videos").glob("*.mp4"))
+
+
+def test_visualize_without_video_reports_deterministic_returns(trained_run: Path) -> None:
+    first = run_script("visualize.py", trained_run, "--episodes", "2", "--no-video", "--checkpoint", "small")
+    second = run_script("visualize.py", trained_run, "--episodes", "2", "--no-video", "--checkpoint", "small")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout  # deterministic actions and seeded resets
+    assert first.stdout.count("return") == 3
+
+
+def state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's agent state and replay buffer, flattened to dotted names."""
+    checkpoint = read_checkpoint(path)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+
+    walk("agent", checkpoint["agent"])
+    walk("buffer", checkpoint["training"]["buffer"])
+    return flat
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = [*SMALL, "--episodes", "10", "--eval-every", "1", "--eval-episodes", "1", "--lr-step-episodes", "1"]
+    whole = run_script("train.py", tmp_path, *common, "--total-steps", "800", "--run-name", "whole")
+    half = run_script("train.py", tmp_path, *common, "--total-steps", "400", "--run-name", "split")
+    resumed = run_script("train.py", tmp_path, "--resume", "split", "--total-steps", "800")
+    for result in (whole, half, resumed):
+        assert result.returncode == 0, result.stderr
+    assert "resuming split" in resumed.stdout
+    expected = state_tensors(tmp_path / "checkpoints" / "whole" / "final.pt")
+    actual = state_tensors(tmp_path / "checkpoints" / "split" / "final.pt")
+    assert expected.keys() == actual.keys() and len(expected) > 20
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+    # The curves continue in the same TensorBoard run: every episode logged once, no seam.
+    steps = [e.step for e in scalar_tags(tmp_path / "runs" / "split").Scalars("charts/episode_return")]
+    assert steps == [200, 400, 600, 800]
+
+
+def newest_mtime(folder: Path) -> int:
+    return max((p.stat().st_mtime_ns for p in folder.glob("*.pt")), default=0)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    folder = tmp_path / "checkpoints" / "killed"
+    args = [*SMALL, "--episodes", "1000", "--checkpoint-every", "1", "--eval-every", "0", "--keep-checkpoints", "2"]
+    process = start_train(tmp_path, *args, "--run-name", "killed")
+    last_step = 0
+    for _ in range(3):
+        previous = newest_mtime(folder)
+        wait_for(lambda: newest_mtime(folder) > previous)  # the (resumed) run has written a checkpoint
+        time.sleep(rng.uniform(0.0, 2.5))
+        process.kill()
+        process.wait(timeout=30)
+        newest = max(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+        step = read_checkpoint(newest)["training"]["global_step"]
+        assert step > last_step
+        last_step = step
+        process = start_train(tmp_path, "--resume", "killed")
+    process.kill()
+    process.wait(timeout=30)
+    episodes = read_checkpoint(max(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns))["training"]["episode"]
+    final = run_script("train.py", tmp_path, "--resume", "killed", "--episodes", str(episodes + 1))
+    assert final.returncode == 0, final.stderr
+    assert read_checkpoint(folder / "final.pt")["training"]["episode"] == episodes + 1
+
+
+def test_sigint_saves_a_checkpoint_and_a_readable_tensorboard_log(tmp_path: Path) -> None:
+    process = start_train(tmp_path, *SMALL, "--episodes", "1000", "--eval-every", "0", "--run-name", "stopped")
+    run_dir = tmp_path / "runs" / "stopped"
+    wait_for(lambda: run_dir.exists() and any(e.step >= 400 for e in _episode_events(run_dir)))
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "python train.py --resume stopped" in stderr and "Traceback" not in stderr
+    saved = list((tmp_path / "checkpoints" / "stopped").glob("step_*.pt"))
+    assert len(saved) == 1
+    assert read_checkpoint(saved[0])["training"]["global_step"] >= 400
+    assert len(_episode_events(run_dir)) >= 2
+
+
+def _episode_events(run_dir: Path) -> list:
+    try:
+        return scalar_tags(run_dir).Scalars("charts/episode_return")
+    except KeyError:
+        return []
+
+
+def test_non_finite_training_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    # nan_reward_env.py registers a Pendulum whose rewards turn NaN from its 500th step on.
+    result = run_script("train.py", tmp_path, *SMALL, "--env", "nan_reward_env:NanRewardPendulum-v0",
+                        "--episodes", "5", "--checkpoint-every", "1", "--eval-every", "0", "--run-name", "nan")
+    assert_one_line_error(result, "training diverged: non-finite", code=3)
+    assert "at env step" in result.stderr
+    saved = sorted((tmp_path / "checkpoints" / "nan").glob("*.pt"))
+    assert [p.name for p in saved] == ["step_000000200.pt", "step_000000400.pt"]
+    agent = SACAgent.load(saved[-1])
+    assert agent.parameters_finite()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--buffer-size", "100", "--batch-size", "256"], "larger than --buffer-size"),
+    (["--gamma", "1.5"], "--gamma must be in"),
+    (["--hidden-size", "abc"], "invalid int value"),
+    (["--buffer", "ring"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--env", "NoSuchEnv-v0"], "cannot create environment 'NoSuchEnv-v0'"),
+    (["--env", "LunarLanderContinuous-v2"], "cannot create environment 'LunarLanderContinuous-v2'"),
+    (["--env", "CartPole-v1"], "Discrete action space"),
+    (["--resume", "no_such_run"], "no such checkpoint file, folder or run name"),
+])
+def test_invalid_train_flags_give_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
+    assert_one_line_error(run_script("train.py", tmp_path, *flags), message)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_foreign_and_malicious_checkpoints_are_refused_without_running_code(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "evil"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    with open(folder / "final.pt", "wb") as handle:
+        pickle.dump(_CreatesFile(marker), handle)
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    for script, args in [("train.py", ["--resume", "evil"]), ("visualize.py", ["--checkpoint", "evil"]),
+                         ("visualize.py", [])]:
+        assert_one_line_error(run_script(script, tmp_path, *args), "refused by weights_only loading")
+    assert not marker.exists()
+    assert_one_line_error(run_script("visualize.py", tmp_path, "--checkpoint", "garbage.pt"),
+                          "garbage.pt: not a loadable checkpoint")
+
+
+class _CreatesFile:
+    """Unpickling this runs Path.touch: what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resume_refuses_changed_hyperparameters_and_keeps_files(trained_run: Path) -> None:
+    folder = trained_run / "checkpoints" / "small"
+    before = {p.name: p.read_bytes() for p in folder.glob("*.pt")}
+    result = run_script("train.py", trained_run, "--resume", "small", "--batch-size", "64")
+    assert_one_line_error(result, "--batch-size cannot change when resuming")
+    assert {p.name: p.read_bytes() for p in folder.glob("*.pt")} == before
+
+
+def test_visualize_bad_inputs_give_one_line_errors(trained_run: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(run_script("visualize.py", trained_run, "--video-folder", str(blocker / "videos")),
+                          "cannot write videos to")
+    assert_one_line_error(run_script("visualize.py", trained_run, "--episodes", "0"), "--episodes must be positive")
+    assert_one_line_error(run_script("visualize.py", tmp_path), "no checkpoint found")
+    assert_one_line_error(run_script("visualize.py", trained_run, "--checkpoint", "missing.pt"), "missing.pt")
+
+
+def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
+    """A random policy scores about -1200 on Pendulum; SAC must reach better than -400 in 5000 steps."""
+    result = run_script("train.py", tmp_path, "--env", "Pendulum-v1", "--hidden-size", "64", "--batch-size", "128",
+                        "--start-steps", "1000", "--update-after", "500", "--total-steps", "5000", "--episodes", "25",
+                        "--eval-every", "5", "--eval-episodes", "5", "--threads", "2", "--run-name", "learn")
+    assert result.returncode == 0, result.stderr
+    history = read_checkpoint(tmp_path / "checkpoints" / "learn" / "final.pt")["training"]["eval_history"]
+    first_mean, last_mean = history[0][1], history[-1][1]
+    assert last_mean > -400, history
+    assert last_mean > first_mean + 500, history
