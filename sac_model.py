@@ -465,8 +465,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
                 "leaves": torch.from_numpy(self.tree.leaves[: self.size].copy())}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`, replacing (not merging with) whatever this buffer held."""
         super().load_state_dict(state)
         self.max_priority = state["max_priority"]
+        self._new_slots.clear()
+        self.tree = SumTree(self.capacity)
         self.tree.update(np.arange(self.size), state["leaves"].numpy())
 
 
@@ -480,7 +483,7 @@ def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.
 
 def per_beta(config: SACConfig, step: int) -> float:
     """Importance-sampling exponent: linear from per_beta_start to 1 over episodes x max_steps env steps."""
-    progress = min(1.0, step / (config.episodes * config.max_steps))
+    progress = min(1.0, step / (config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)))
     return config.per_beta_start + progress * (1.0 - config.per_beta_start)
 
 

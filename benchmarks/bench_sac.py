@@ -92,6 +92,7 @@ class Transitions:
 
     @classmethod
     def random(cls, n: int, rng: np.random.Generator) -> "Transitions":
+        """n transitions of standard-normal observations and rewards, uniform actions, 1% terminal."""
         return cls(obs=rng.standard_normal((n, OBS_DIM), dtype=np.float32),
                    actions=rng.uniform(-1.0, 1.0, (n, ACTION_DIM)).astype(np.float32),
                    rewards=rng.standard_normal(n, dtype=np.float32),
@@ -115,6 +116,7 @@ def publish(sections: list[str], section: str) -> None:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -126,6 +128,7 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
 
 
 def package_version(name: str) -> str:
+    """The installed version of a distribution, without importing it."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -172,11 +175,13 @@ def filled_buffer(kind: str, data: Transitions, n: int, rng: np.random.Generator
     """A full buffer of capacity n holding the first n transitions, loaded in one vectorized step.
 
     Goes through `load_state_dict`, which writes the columns as whole tensors and the random
-    priorities into the sum tree with one `tree.update(np.arange(n), ...)`: a million `add()`
-    calls would take minutes.
+    priorities into the sum tree with one `tree.update(np.arange(n), ...)`, instead of a million
+    `add()` calls.
     """
-    buffer_cls = PrioritizedReplayBuffer if kind == "prioritized" else ReplayBuffer
-    buffer = buffer_cls(n, OBS_DIM, ACTION_DIM, seed=SEED)
+    if kind == "prioritized":
+        buffer: ReplayBuffer = PrioritizedReplayBuffer(n, OBS_DIM, ACTION_DIM, alpha=PER_ALPHA, seed=SEED)
+    else:
+        buffer = ReplayBuffer(n, OBS_DIM, ACTION_DIM, seed=SEED)
     state: dict[str, Any] = {
         "capacity": n, "pos": 0, "size": n, "rng": buffer.rng.bit_generator.state,
         "obs": torch.from_numpy(data.obs[:n]), "actions": torch.from_numpy(data.actions[:n]),
@@ -386,6 +391,7 @@ def bench_end_to_end(settings: Settings, repeats: int, threads: int, with_sb3: b
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; --repeats defaults to 5, or 2 with --quick."""
     parser = argparse.ArgumentParser(description="Benchmark this SAC against Stable-Baselines3 on CPU.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in train.py (default: 2)")
     parser.add_argument("--repeats", type=int, default=None,

@@ -22,10 +22,8 @@ import torch.nn as nn
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import sac_model  # noqa: E402
-from sac_model import (  # noqa: E402
+import sac_model
+from sac_model import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     LOG_STD_MAX,
@@ -332,6 +330,24 @@ def test_prioritized_state_dict_round_trip_gives_identical_samples_and_tree(tmp_
             torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("flushed", [True, False])
+def test_prioritized_load_state_dict_into_used_buffer_samples_only_loaded_data(flushed):
+    """Restoring a smaller state into a buffer that already held data (flushed into the tree or still pending)
+    must forget the old priorities: otherwise slots beyond the restored `size` keep being sampled."""
+    a = PrioritizedReplayBuffer(64, 3, 1, seed=0)
+    fill(a, 10)
+    b = PrioritizedReplayBuffer(64, 3, 1, seed=0)
+    fill(b, 30, start=1000)
+    if flushed:
+        b.sample(1)
+    b.load_state_dict(a.state_dict())
+    assert len(b) == 10
+    batch = b.sample(256)
+    assert batch.indices.max() < 10, "sampled a slot outside the restored data"
+    assert set(batch.obs[:, 0].tolist()) <= set(map(float, range(10)))
+    assert b.tree.total == pytest.approx(a.tree.total)
+
+
 # ============================================================================================
 # 3. ReplayBuffer (uniform)
 # ============================================================================================
@@ -509,6 +525,20 @@ def test_select_action_inside_bounds_and_rescaled(bounds):
     assert np.all(samples.min(axis=0) < low + 0.05 * span) and np.all(samples.max(axis=0) > high - 0.05 * span)
 
 
+def test_normalize_action_inverts_rescaling_and_clips():
+    low, high = np.array([0.0, -5.0], dtype=np.float32), np.array([1.0, 5.0], dtype=np.float32)
+    agent = SACAgent(4, low, high, small_config(env="Custom-v0"))
+    np.testing.assert_allclose(agent.normalize_action(low), [-1.0, -1.0])
+    np.testing.assert_allclose(agent.normalize_action(high), [1.0, 1.0])
+    np.testing.assert_allclose(agent.normalize_action(np.array([0.75, 2.5])), [0.5, 0.5])
+    np.testing.assert_allclose(agent.normalize_action(np.array([3.0, -9.0])), [1.0, -1.0])  # clipped
+    state = np.ones(4, dtype=np.float32)
+    normalized = agent.normalize_action(agent.select_action(state, evaluate=True))
+    with torch.no_grad():
+        expected = agent.actor.deterministic(torch.as_tensor(state).reshape(1, -1))[0].numpy()
+    np.testing.assert_allclose(normalized, expected, rtol=1e-5, atol=1e-6)
+
+
 # ============================================================================================
 # 7-9. Learning
 # ============================================================================================
@@ -541,7 +571,7 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
     torch.manual_seed(7)  # the update draws the same next actions first
     metrics = agent.update(batch)
     expected = (q_before - targets).abs().mean(0) + sac_model.PRIORITY_EPS
-    torch.testing.assert_close(metrics["priorities"], expected)
+    torch.testing.assert_close(metrics["priorities"], expected, rtol=0, atol=1e-7)  # tight enough to see the 1e-6
     torch.testing.assert_close(metrics["critic1_loss"], (q_before[0] - targets).pow(2).mean())
 
 
@@ -941,9 +971,12 @@ def test_prune_checkpoints_keeps_newest_periodic_and_final(tmp_path):
         _touch_with_mtime(tmp_path / name, 1_000_000 + 10 * k)
     _touch_with_mtime(tmp_path / "final.pt", 1_000_000 - 50)  # oldest of all, still kept
     _touch_with_mtime(tmp_path / "notes.txt", 1_000_000 - 60)
+    _touch_with_mtime(tmp_path / ".step_1400.pt.4194999.tmp", 1_000_100)  # left by a killed writer: removed
+    own = _touch_with_mtime(tmp_path / f".final.pt.{os.getpid()}.tmp", 1_000_100)  # this process's: kept
     prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["step_1000.pt", "step_1200.pt", "final.pt",
-                                                                 "notes.txt"])
+                                                                 "notes.txt", own.name])
+    own.unlink()
     prune_checkpoints(tmp_path, keep=5)  # fewer than keep: nothing more is deleted
     assert len(list(tmp_path.iterdir())) == 4
 
