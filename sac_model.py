@@ -175,7 +175,9 @@ def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None 
     `max_steps` None keeps the env's registered time limit (DEFAULT_TIME_LIMIT if it has none).
     """
     try:
-        env = gym.make(env_id, max_episode_steps=max_steps, render_mode=render_mode)
+        with warnings.catch_warnings():  # a retired id warns, then fails: the failure says it better
+            warnings.simplefilter("ignore", DeprecationWarning)
+            env = gym.make(env_id, max_episode_steps=max_steps, render_mode=render_mode)
     except gym.error.Error as error:
         raise ConfigError(f"cannot create environment {env_id!r}: {_first_line(error)}") from None
     except Exception as error:  # an env's own constructor can fail in any way (missing extras, bad kwargs)

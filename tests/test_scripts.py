@@ -280,7 +280,7 @@ def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
     """A random policy scores about -1200 on Pendulum; SAC must reach better than -400 in 5000 steps."""
     result = run_script("train.py", tmp_path, "--env", "Pendulum-v1", "--hidden-size", "64", "--batch-size", "128",
                         "--start-steps", "1000", "--update-after", "500", "--total-steps", "5000", "--episodes", "25",
-                        "--eval-every", "5", "--eval-episodes", "5", "--threads", "2", "--run-name", "learn")
+                        "--eval-every", "5", "--eval-episodes", "5", "--threads", "1", "--run-name", "learn")
     assert result.returncode == 0, result.stderr
     history = read_checkpoint(tmp_path / "checkpoints" / "learn" / "final.pt")["training"]["eval_history"]
     first_mean, last_mean = history[0][1], history[-1][1]
