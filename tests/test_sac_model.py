@@ -1062,3 +1062,26 @@ def test_rng_state_capture_restore_replays_every_generator(tmp_path):
     restore_rng_state(loaded, env)
     _assert_same_draws(_draw(env), first)
     env.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_update_keeps_replay_on_device_and_never_waits_for_the_host() -> None:
+    device = torch.device("cuda")
+    agent = SACAgent(3, np.full(1, -2.0), np.full(1, 2.0), small_config(batch_size=64), device)
+    buffer = PrioritizedReplayBuffer(256, 3, 1, device=device)
+    rng = np.random.default_rng(0)
+    for _ in range(128):
+        buffer.add(rng.standard_normal(3), rng.uniform(-1, 1, 1), 0.5, rng.standard_normal(3), False)
+    assert buffer.obs.device.type == "cuda" and buffer.terminated.device.type == "cuda"
+    batch = buffer.sample(64, 0.5)
+    agent.update(batch)  # warm-up: lazy CUDA initialisation may synchronise once
+    batch = buffer.sample(64, 0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = agent.update(batch)  # raises RuntimeError on any device-to-host synchronisation
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert metrics["priorities"].device.type == "cuda"
+    buffer.update_priorities(batch.indices, metrics["priorities"])
+    assert np.isfinite(buffer.tree.total)
