@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def visualize(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(path)
     agent = SACAgent.from_checkpoint(checkpoint)
     config = agent.config
+    # Frames are drawn off-screen; without this SDL looks for a display and prints a bogus error when headless.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     env = make_env(agent.env_id, config.max_steps, render_mode=None if args.no_video else "rgb_array")
     check_checkpoint_fits_env(checkpoint, env, path)
     if not args.no_video:
@@ -58,7 +61,9 @@ def visualize(args: argparse.Namespace) -> None:
         check_writable_folder(folder)
         # A fresh prefix per call: RecordVideo overwrites files of the same name, and old videos stay.
         prefix = f"{path.parent.name}-{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, name_prefix=prefix)
+        with warnings.catch_warnings():  # it warns about any mp4 in the folder, though ours never collide
+            warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+            env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, name_prefix=prefix)
     mode = "stochastic" if args.stochastic else "deterministic"
     print(f"{agent.env_id}: {args.episodes} {mode} episodes of {path}")
     try:
