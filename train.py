@@ -132,7 +132,8 @@ def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SA
     return agent.save(CHECKPOINTS_DIR / config.run_name / f"{name}.pt", training)
 
 
-def train(args: argparse.Namespace, given: set[str]) -> int:
+def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
+    """The validated config of a new run, or of the resumed one with its checkpoint."""
     checkpoint, checkpoint_path = None, None
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
@@ -145,6 +146,27 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
         if config.run_name is None:
             config.run_name = f"{config.env}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     config.validate()
+    return config, checkpoint, checkpoint_path
+
+
+def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer, env) -> Progress:
+    """Load the agent, replay buffer, counters and RNG states of a checkpoint into a fresh run."""
+    check_checkpoint_fits_env(checkpoint, env, path)
+    agent.load_state_dict(checkpoint["agent"])
+    training = checkpoint["training"]
+    if training["buffer"] is not None:
+        buffer.load_state_dict(training["buffer"])
+    env.reset(seed=agent.config.seed)  # creates the env's generators, then they are overwritten
+    restore_rng_state(training["rng"], env)
+    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress)})
+    exact = training["buffer"] is not None and training["episode_finished"]
+    print(f"resuming {agent.config.run_name} from {path} at env step {progress.global_step}, episode "
+          f"{progress.episode}" + ("" if exact else " (approximately: mid-episode or without replay buffer)"))
+    return progress
+
+
+def train(args: argparse.Namespace, given: set[str]) -> int:
+    config, checkpoint, checkpoint_path = run_config(args, given)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -156,22 +178,10 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
     buffer = make_buffer(config, obs_dim, action_dim, device)
-    progress = Progress()
     env.action_space.seed(config.seed)
-    first_reset_seed: int | None = config.seed
+    progress, first_reset_seed = Progress(), config.seed
     if checkpoint is not None:
-        check_checkpoint_fits_env(checkpoint, env, checkpoint_path)
-        agent.load_state_dict(checkpoint["agent"])
-        training = checkpoint["training"]
-        progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress)})
-        if training["buffer"] is not None:
-            buffer.load_state_dict(training["buffer"])
-        env.reset(seed=config.seed)  # creates the env's generators, then they are overwritten
-        restore_rng_state(training["rng"], env)
-        first_reset_seed = None
-        print(f"resuming {config.run_name} from {checkpoint_path} at env step {progress.global_step}, "
-              f"episode {progress.episode}" + ("" if training["buffer"] is not None else
-                                              " (checkpoint has no replay buffer: the resume is approximate)"))
+        progress, first_reset_seed = restore_training_state(checkpoint, checkpoint_path, agent, buffer, env), None
 
     # On resume, drop events logged after the checkpoint by the interrupted process: no seam, no duplicates.
     writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step + 1 if checkpoint else None)
@@ -183,12 +193,12 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     recent_returns: deque[float] = deque(maxlen=10)
     stop = StopSignal()
     session_start, session_start_step = time.perf_counter(), progress.global_step
-    interrupted = False
+    episode_finished = True
     try:
-        while progress.episode < config.episodes and progress.global_step < step_budget and not interrupted:
+        while progress.episode < config.episodes and progress.global_step < step_budget and stop.signum is None:
             obs, _ = env.reset(seed=first_reset_seed)
             first_reset_seed = None
-            episode_return, episode_length, episode_finished = 0.0, 0, False
+            episode_return, episode_length = 0.0, 0
             while True:
                 if progress.global_step < config.start_steps:
                     env_action = env.action_space.sample()
@@ -212,23 +222,20 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
                 progress.episode += 1
                 finish_episode(agent, buffer, env, eval_env, writer, config, progress, episode_return,
                                episode_length, recent_returns, bar, session_start, session_start_step)
-            interrupted = stop.signum is not None
-    finally:
         bar.close()
 
-    try:
-        if interrupted:
+        if stop.signum is not None:
             path = save_checkpoint(agent, buffer, progress, env, config, f"step_{progress.global_step:09d}",
                                    episode_finished)
             prune_checkpoints(path.parent, config.keep_checkpoints)
-            name = signal.Signals(stop.signum).name
-            print(f"{name} received: stopped at env step {progress.global_step}, saved {path}; "
-                  f"continue with: python train.py --resume {config.run_name}", file=sys.stderr)
+            print(f"{signal.Signals(stop.signum).name} received: stopped at env step {progress.global_step}, "
+                  f"saved {path}; continue with: python train.py --resume {config.run_name}", file=sys.stderr)
             return 128 + stop.signum
-        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished=True)
+        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
     finally:
+        bar.close()
         writer.close()
         env.close()
         eval_env.close()
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"training diverged: {error}", code=3)
     except SACError as error:
         fail(str(error))
+    except KeyboardInterrupt:  # before the signal handlers are installed: nothing to save yet
+        fail("interrupted before training started", code=130)
     return 1
 
 
