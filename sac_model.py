@@ -906,11 +906,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def check_checkpoint_fits_env(checkpoint: dict, env: gym.Env, path: str | Path) -> None:
     """Refuse a checkpoint made for other observation or action spaces."""
     meta = checkpoint["metadata"]
-    expected = (flat_dim(env.observation_space), env.action_space.low.reshape(-1).tolist(),
-                env.action_space.high.reshape(-1).tolist())
     found = (meta.get("obs_dim"), meta.get("action_low"), meta.get("action_high"))
-    if not np.allclose(found[0], expected[0]) or len(found[1]) != len(expected[1]) or \
-            not np.allclose(found[1], expected[1]) or not np.allclose(found[2], expected[2]):
+    expected = (flat_dim(env.observation_space), *(np.asarray(bound, dtype=np.float32).reshape(-1).tolist()
+                                                   for bound in (env.action_space.low, env.action_space.high)))
+    if found != expected:
         raise CheckpointError(f"{path}: made for {meta.get('env_id')} (obs dim {found[0]}, action bounds "
                               f"{found[1]}..{found[2]}), which does not fit {env.spec.id if env.spec else env}")
 

@@ -183,13 +183,15 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path
     assert read_checkpoint(folder / "final.pt")["training"]["episode"] == episodes + 1
 
 
-def test_sigint_saves_a_checkpoint_and_a_readable_tensorboard_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_and_a_readable_tensorboard_log(tmp_path: Path, signum: int,
+                                                                            code: int) -> None:
     process = start_train(tmp_path, *SMALL, "--episodes", "1000", "--eval-every", "0", "--run-name", "stopped")
     run_dir = tmp_path / "runs" / "stopped"
     wait_for(lambda: run_dir.exists() and any(e.step >= 400 for e in _episode_events(run_dir)))
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "python train.py --resume stopped" in stderr and "Traceback" not in stderr
     saved = list((tmp_path / "checkpoints" / "stopped").glob("step_*.pt"))
     assert len(saved) == 1
