@@ -231,6 +231,8 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
             print(f"{signal.Signals(stop.signum).name} received: stopped at env step {progress.global_step}, "
                   f"saved {path}; continue with: python train.py --resume {config.run_name}", file=sys.stderr)
             return 128 + stop.signum
+        if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
+            evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
         path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
@@ -239,6 +241,15 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
         writer.close()
         env.close()
         eval_env.close()
+
+
+def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
+    """Deterministic evaluation on the same fixed seeds every time, logged and kept in the history."""
+    returns = evaluate_policy(agent, eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    step = progress.global_step
+    progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
+    writer.add_scalar("eval/return_mean", np.mean(returns), step)
+    writer.add_scalar("eval/return_std", np.std(returns), step)
 
 
 def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
@@ -255,10 +266,7 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
         agent.step_schedulers()
     postfix = {"ep": progress.episode, "return(10)": f"{np.mean(recent_returns):.1f}"}
     if config.eval_every and progress.episode % config.eval_every == 0:
-        returns = evaluate_policy(agent, eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-        progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
-        writer.add_scalar("eval/return_mean", np.mean(returns), step)
-        writer.add_scalar("eval/return_std", np.std(returns), step)
+        evaluate_and_log(agent, eval_env, writer, config, progress)
     if progress.eval_history:
         postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
     bar.set_postfix(postfix, refresh=False)

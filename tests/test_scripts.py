@@ -288,3 +288,13 @@ def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
     first_mean, last_mean = history[0][1], history[-1][1]
     assert last_mean > -400, history
     assert last_mean > first_mean + 500, history
+
+
+def test_the_final_agent_is_always_evaluated(tmp_path: Path) -> None:
+    result = run_script("train.py", tmp_path, *SMALL, "--total-steps", "300", "--eval-every", "5",
+                        "--eval-episodes", "1", "--run-name", "short")
+    assert result.returncode == 0, result.stderr
+    training = read_checkpoint(tmp_path / "checkpoints" / "short" / "final.pt")["training"]
+    assert [entry[0] for entry in training["eval_history"]] == [300]  # stopped mid-episode, before any periodic eval
+    assert not training["episode_finished"]
+    assert [e.step for e in scalar_tags(tmp_path / "runs" / "short").Scalars("eval/return_mean")] == [300]
