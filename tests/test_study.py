@@ -1,0 +1,192 @@
+"""Tests of the study tools: the statistics against hand-computed values, the aggregation of TensorBoard
+logs, and one tiny ablation study run end to end through ablate.py on a local Ray."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from study import (
+    aggregate, bootstrap_ci, interquartile_mean, load_eval_curve, load_study, markdown_table, plot_curves,
+    steps_to_threshold,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL_STEPS = [100, 250, 400]
+# config -> seed -> evaluation returns at EVAL_STEPS, chosen so every statistic below is easy to hand-compute.
+SYNTHETIC = {
+    "full": {0: [10, 150, 210], 1: [20, 220, 230], 2: [0, 100, 190]},
+    "no_per": {0: [200, 210, 220], 1: [50, 205, 220], 2: [50, 60, 201], 3: [0, 10, 20]},
+}
+
+
+def test_interquartile_mean_cuts_a_quarter_from_each_end_like_rliable() -> None:
+    assert interquartile_mean(np.arange(1, 9)) == 4.5  # keeps 3, 4, 5, 6
+    assert interquartile_mean([1, 2, 3, 4, 100]) == 3.0  # n=5: floor(5/4)=1 cut from each end, keeps 2, 3, 4
+    assert interquartile_mean([60, 1, 2, 3, 4, 5]) == 3.5  # unsorted input; keeps 2, 3, 4, 5
+    assert interquartile_mean([-1000, 1, 2, 3, 4, 5, 6, 1000]) == 3.5  # outliers never count
+    assert interquartile_mean([1, 2, 9]) == 4.0  # n < 4 cuts nothing: the plain mean
+    assert interquartile_mean([1, 2, math.inf]) == math.inf
+    np.testing.assert_array_equal(interquartile_mean([[1, 2, 3, 4], [8, 7, 6, 5]], axis=-1), [2.5, 6.5])
+    with pytest.raises(ValueError):
+        interquartile_mean([])
+
+
+def test_bootstrap_ci_of_the_mean_is_the_binomial_quantiles() -> None:
+    # Resampling [0]*9 + [10]: the mean is K, the number of 10s drawn, K ~ Binomial(10, 0.1).
+    # P(K = 0) = 0.9^10 = 0.349 > 2.5%, so the lower bound is 0; P(K <= 2) = 0.930 and
+    # P(K <= 3) = 0.987 bracket 97.5%, so the upper bound is 3.
+    assert bootstrap_ci([0] * 9 + [10], np.mean, n_resamples=20_000, seed=1) == (0.0, 3.0)
+    # [0, 1]: the resampled mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    assert bootstrap_ci([0, 1], np.mean, seed=2) == (0.0, 1.0)
+
+
+def test_bootstrap_ci_brackets_the_statistic_shrinks_like_sqrt_n_and_is_reproducible() -> None:
+    sample = np.array([3.1, -1.4, 4.1, 1.5, 5.9, 2.6, 5.3, 5.8, -9.7, 9.3, 2.3, 8.4, 6.2, 6.4, 3.3, 8.3])
+    low, high = bootstrap_ci(sample, np.mean, seed=0)
+    assert low < sample.mean() < high
+    # For the mean, the percentile interval approaches mean +- 1.96 std / sqrt(n).
+    expected_width = 2 * 1.96 * sample.std() / math.sqrt(sample.size)
+    assert high - low == pytest.approx(expected_width, rel=0.1)
+    low4, high4 = bootstrap_ci(np.tile(sample, 4), np.mean, seed=0)
+    assert (high4 - low4) == pytest.approx((high - low) / 2, rel=0.1)  # 4x the runs: half the width
+    iqm_low, iqm_high = bootstrap_ci(sample, interquartile_mean, seed=0)
+    assert iqm_low <= interquartile_mean(sample) <= iqm_high
+    assert bootstrap_ci(sample, interquartile_mean, seed=0) == (iqm_low, iqm_high)
+    assert bootstrap_ci(sample, np.mean, seed=0) == (low, high)
+    assert bootstrap_ci(sample, np.mean, seed=1) != (low, high)
+
+
+def test_bootstrap_ci_of_a_constant_sample_has_zero_width() -> None:
+    assert bootstrap_ci([5.0, 5.0, 5.0, 5.0], interquartile_mean) == (5.0, 5.0)
+    assert bootstrap_ci([7.0], np.mean) == (7.0, 7.0)
+
+
+def test_steps_to_threshold_is_the_first_evaluation_at_or_above_it() -> None:
+    steps = [100, 200, 300, 400]
+    assert steps_to_threshold(steps, [50, 210, 150, 250]) == 200  # the first crossing, even if it falls back
+    assert steps_to_threshold(steps, [50, 199.9, 150, 199]) is None
+    assert steps_to_threshold(steps, [50, 150, 200, 100]) == 300  # exactly the threshold counts
+    assert steps_to_threshold(steps, [-100, -50, -10, 0], threshold=-20) == 300
+    assert steps_to_threshold([], []) is None
+
+
+def write_eval_log(run_dir: Path, returns: list[float], steps: list[int] = EVAL_STEPS, purge_step: int | None = None
+                   ) -> None:
+    """A TensorBoard log as train.py writes it: eval/return_mean plus another tag."""
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    for step, value in zip(steps, returns):
+        writer.add_scalar("charts/episode_return", value - 1, step)
+        writer.add_scalar("eval/return_mean", value, step)
+    writer.close()
+
+
+@pytest.fixture
+def synthetic_study(tmp_path: Path) -> Path:
+    """A study folder of finished runs with known returns, plus runs that must be left out."""
+    for config, seeds in SYNTHETIC.items():
+        for seed, returns in seeds.items():
+            write_eval_log(tmp_path / "runs" / f"{config}__seed{seed}", returns)
+            (tmp_path / "checkpoints" / f"{config}__seed{seed}").mkdir(parents=True)
+            (tmp_path / "checkpoints" / f"{config}__seed{seed}" / "final.pt").touch()
+    write_eval_log(tmp_path / "runs" / "full__seed3", [500, 500, 500])  # unfinished: no final.pt
+    write_eval_log(tmp_path / "runs" / "not_a_trial", [500, 500, 500])
+    return tmp_path
+
+
+def test_load_eval_curve_keeps_the_resumed_sessions_values(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_eval_log(run, [1.0, 2.0, 999.0])  # a session killed after logging step 400 but checkpointed at 300
+    write_eval_log(run, [3.0, 4.0], steps=[400, 500], purge_step=301)  # the resume drops events from 301 on
+    steps, returns = load_eval_curve(run)
+    np.testing.assert_array_equal(steps, [100, 250, 400, 500])
+    np.testing.assert_array_equal(returns, [1.0, 2.0, 3.0, 4.0])
+    (tmp_path / "empty").mkdir()
+    assert load_eval_curve(tmp_path / "empty")[0].size == 0
+
+
+def test_aggregate_synthetic_study_gives_hand_computed_table(synthetic_study: Path) -> None:
+    curves = load_study(synthetic_study)
+    assert list(curves) == ["full", "no_per"]
+    assert [run.seed for run in curves["full"]] == [0, 1, 2]  # the unfinished seed 3 is left out
+    full, no_per = aggregate(curves, [50, 200, 400], threshold=200)
+
+    assert (full.seeds, no_per.seeds) == (3, 4)
+    assert math.isnan(full.returns[50].value)  # nobody evaluated yet
+    # At step 200 each seed's latest evaluation is the one at step 100.
+    assert full.returns[200].value == 10.0  # 3 seeds: the mean of 10, 20, 0
+    assert no_per.returns[200].value == 50.0  # middle two of 0, 50, 50, 200
+    assert full.returns[400].value == 210.0
+    assert no_per.returns[400].value == 210.5  # middle two of 20, 201, 220, 220
+    for row in (full, no_per):
+        for point in (200, 400):
+            assert row.returns[point].low <= row.returns[point].value <= row.returns[point].high
+    # Steps to 200: full 400, 250, never -> IQM inf; no_per 100, 250, 400, never -> (250 + 400) / 2.
+    assert (full.steps_to_threshold, full.reached) == (math.inf, 2)
+    assert (no_per.steps_to_threshold, no_per.reached) == (325.0, 3)
+
+    table = markdown_table([full, no_per]).splitlines()
+    assert table[0] == ("| configuration | seeds | return @ 50 | return @ 200 | return @ 400 | steps to 200 "
+                        "| reached 200 |")
+    assert table[2].startswith("| full | 3 | - | 10.0 [") and table[2].endswith("| not reached | 2/3 |")
+    assert table[3].startswith("| no_per | 4 | - | 50.0 [") and table[3].endswith("| 325 | 3/4 |")
+    assert " 210.5 [" in table[3]
+
+
+def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None:
+    path = plot_curves(load_study(synthetic_study), tmp_path / "plots" / "curves.png", threshold=200)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_ablate(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "ablate.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--budget", "0"], "--budget must be positive"),
+    (["--configs", "full,no_such"], "unknown configuration 'no_such'"),
+    (["--train-args", "--seed 3"], "--train-args may not set --seed"),
+    (["--train-args", "--batch-size 64 --buffer-size 32"], "--batch-size 64 is larger than --buffer-size 32"),
+])
+def test_ablate_refuses_invalid_flags_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    result = run_ablate(tmp_path, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "studies").exists()
+
+
+def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,no_per", "--max-concurrent", "1",
+            "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
+            "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
+                            "--start-steps 100 --update-after 100"]
+    runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
+    first = run_ablate(tmp_path, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    study = tmp_path / "studies" / "tiny"
+    for run in runs:
+        assert (study / "checkpoints" / run / "final.pt").is_file()
+        assert f"finished {run}" in first.stdout
+    table = (study / "results.md").read_text()
+    assert "| configuration | seeds | return @ 200 | return @ 400 | steps to 200 | reached 200 |" in table
+    assert "| full | 2 | " in table and "| no_per | 2 | " in table
+    assert (study / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    start = time.monotonic()
+    second = run_ablate(tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for run in runs:
+        assert f"skipped  {run}: finished" in second.stdout
+    assert "4 finished, 0 to resume, 0 to start" in second.stdout
+    assert "started" not in second.stdout  # Ray launched nothing
+    assert time.monotonic() - start < 60
