@@ -18,9 +18,12 @@ import numpy as np
 from gymnasium.wrappers import RecordVideo
 
 from sac_model import (
-    OneLineErrorParser, SACAgent, SACError, check_checkpoint_fits_env, evaluate_policy, fail, find_checkpoint,
-    make_env, read_checkpoint,
+    CheckpointError, OneLineErrorParser, SACAgent, SACError, check_checkpoint_fits_env, evaluate_policy, fail,
+    find_checkpoint, make_env, read_checkpoint,
 )
+
+# A LunarLander agent that ships with the repository, so there is something to watch before training.
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "LunarLanderContinuous-v3.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +48,21 @@ def check_writable_folder(folder: Path) -> None:
         raise SACError(f"cannot write videos to {folder}: {error.strerror or error}") from None
 
 
+def newest_or_pretrained() -> Path:
+    """The newest checkpoint under checkpoints/, else the agent shipped in pretrained/."""
+    try:
+        return find_checkpoint(None)
+    except CheckpointError:
+        if not PRETRAINED.is_file():
+            raise
+        print(f"no checkpoints/ here yet: showing the pretrained agent {PRETRAINED}")
+        return PRETRAINED
+
+
 def visualize(args: argparse.Namespace) -> None:
     if args.episodes <= 0:
         raise SACError(f"--episodes must be positive, got {args.episodes}")
-    path = find_checkpoint(args.checkpoint)
+    path = find_checkpoint(args.checkpoint) if args.checkpoint else newest_or_pretrained()
     checkpoint = read_checkpoint(path)
     agent = SACAgent.from_checkpoint(checkpoint)
     config = agent.config
