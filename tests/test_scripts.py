@@ -274,8 +274,15 @@ def test_visualize_bad_inputs_give_one_line_errors(trained_run: Path, tmp_path: 
     assert_one_line_error(run_script("visualize.py", trained_run, "--video-folder", str(blocker / "videos")),
                           "cannot write videos to")
     assert_one_line_error(run_script("visualize.py", trained_run, "--episodes", "0"), "--episodes must be positive")
-    assert_one_line_error(run_script("visualize.py", tmp_path), "no checkpoint found")
     assert_one_line_error(run_script("visualize.py", trained_run, "--checkpoint", "missing.pt"), "missing.pt")
+
+
+def test_visualize_without_checkpoints_shows_the_shipped_pretrained_lander(tmp_path: Path) -> None:
+    result = run_script("visualize.py", tmp_path, "--episodes", "3", "--no-video")
+    assert result.returncode == 0, result.stderr
+    assert "pretrained agent" in result.stdout and "LunarLanderContinuous-v3" in result.stdout
+    mean_return = float(result.stdout.split("mean return ")[1].split()[0])
+    assert mean_return > 100  # it lands: about 250 on these seeds when it was shipped
 
 
 def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
