@@ -20,7 +20,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -838,7 +838,7 @@ class SACAgent:
 
 
 def evaluate_policy(agent: SACAgent, env: gym.Env, episodes: int, seed: int, deterministic: bool = True,
-                    on_episode_end: Any = None) -> list[float]:
+                    on_episode_end: Callable[[int, float], None] | None = None) -> list[float]:
     """Undiscounted return of each of `episodes` episodes, the i-th reset with seed `seed + i`.
 
     Deterministic (tanh of the mean) by default: it draws no random numbers, so evaluating during

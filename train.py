@@ -105,7 +105,7 @@ def update_round(agent: SACAgent, buffer, writer: SummaryWriter, config: SACConf
 def log_update_metrics(writer: SummaryWriter, metrics: dict[str, torch.Tensor], agent: SACAgent,
                        beta: float | None, step: int) -> None:
     """Write the last update's metrics; one host sync per update round. Stops on a non-finite value."""
-    values = {name: metrics[name].item() for name in METRIC_TAGS}
+    values = dict(zip(METRIC_TAGS, torch.stack([metrics[name] for name in METRIC_TAGS]).tolist()))
     for name, value in values.items():
         if not np.isfinite(value):
             raise TrainingDivergedError(f"non-finite {name} ({value}) at env step {step}")
