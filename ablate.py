@@ -317,9 +317,13 @@ def lock_study(study_dir: Path, parser: argparse.ArgumentParser) -> IO:
 
 
 def plan_trials(args: argparse.Namespace, settings: dict, study_dir: Path) -> dict[str, list[str]]:
-    """The train.py flags of each trial still to run, by run name; prints which are finished (skipped)."""
+    """The train.py flags of each trial still to run, by run name; prints which are finished (skipped).
+
+    Seed-major order: every configuration's seed 0 runs before any seed 1, so a study stopped part
+    way still compares all configurations on the same seeds.
+    """
     flags = {run_name(config, seed): train_flags(settings, config, seed, args.cpus_per_trial)
-             for config in args.configs for seed in range(args.seeds)}
+             for seed in range(args.seeds) for config in args.configs}
     states = {run: trial_state(study_dir, run) for run in flags}
     for run, state in states.items():
         if state == "finished":

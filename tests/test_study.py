@@ -177,6 +177,8 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     for run in runs:
         assert (study / "checkpoints" / run / "final.pt").is_file()
         assert f"finished {run}" in first.stdout
+    started = [line.split()[-1] for line in first.stdout.splitlines() if " started " in line]
+    assert started == ["full__seed0", "no_per__seed0", "full__seed1", "no_per__seed1"]  # seed-major
     table = (study / "results.md").read_text()
     assert "| configuration | seeds | return @ 200 | return @ 400 | steps to 200 | reached 200 |" in table
     assert "| full | 2 | " in table and "| no_per | 2 | " in table
