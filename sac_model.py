@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gymnasium as gym
+import numba
 import numpy as np
 import torch
 import torch.nn as nn
@@ -357,17 +358,53 @@ class ReplayBuffer:
         self.rng.bit_generator.state = state["rng"]
 
 
+@numba.njit(cache=True)
+def _sum_tree_update(leaves: np.ndarray, inner: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+    """Write each leaf in turn and recompute the sums on its path to the root (so duplicates: last wins)."""
+    n_leaves = len(leaves)
+    for k in range(len(indices)):
+        leaf = indices[k]
+        leaves[leaf] = values[k]
+        node = (leaf + n_leaves) >> 1
+        child = 2 * node - n_leaves
+        inner[node] = np.float64(leaves[child]) + np.float64(leaves[child + 1])
+        node >>= 1
+        while node >= 1:
+            inner[node] = inner[2 * node] + inner[2 * node + 1]
+            node >>= 1
+
+
+@numba.njit(cache=True)
+def _sum_tree_find(leaves: np.ndarray, inner: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Walk from the root to the leaf whose prefix-sum interval holds each value (see SumTree.find)."""
+    n_leaves = len(leaves)
+    found = np.empty(len(values), dtype=np.int64)
+    for k in range(len(values)):
+        value = max(values[k], 0.0)
+        node = 1
+        while node < n_leaves // 2:  # inner nodes above the leaves' parents
+            left = 2 * node
+            if value >= inner[left] and inner[left + 1] > 0:
+                value -= inner[left]
+                node = left + 1
+            else:
+                node = left
+        left = 2 * node - n_leaves
+        found[k] = left + 1 if value >= leaves[left] and leaves[left + 1] > 0 else left
+    return found
+
+
 class SumTree:
     """Binary tree over `capacity` leaves in which every inner node holds the sum of its subtree.
 
     Leaves (the priorities^alpha) are float32; inner sums are float64 and always recomputed from
-    their children, so the total never drifts and a zero subtree is exactly zero. Batch queries
-    are vectorized: one numpy step per tree level, O(log N), never a loop over samples.
+    their children, so the total never drifts and a zero subtree is exactly zero. Both operations
+    are O(log N) per element, compiled with numba: a batch of 256 costs microseconds, where the
+    same walk as vectorized numpy spends ~0.2 ms in per-level array calls at a million leaves.
     """
 
     def __init__(self, capacity: int) -> None:
         self.n_leaves = 1 << max(1, (capacity - 1).bit_length())
-        self.depth = self.n_leaves.bit_length() - 1
         self.leaves = np.zeros(self.n_leaves, dtype=np.float32)
         self.inner = np.zeros(self.n_leaves, dtype=np.float64)  # node 1 is the root; node i has children 2i, 2i+1
 
@@ -381,14 +418,13 @@ class SumTree:
 
     def update(self, indices: np.ndarray, values: np.ndarray) -> None:
         """Set leaves `indices` to `values` and recompute their ancestors (duplicates: last wins)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        self.leaves[indices] = values
-        nodes = (indices + self.n_leaves) >> 1
-        children = 2 * nodes - self.n_leaves
-        self.inner[nodes] = self.leaves[children].astype(np.float64) + self.leaves[children + 1]
-        for _ in range(self.depth - 1):
-            nodes = nodes >> 1  # duplicates are harmless: each recomputes the same sum
-            self.inner[nodes] = self.inner[2 * nodes] + self.inner[2 * nodes + 1]
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if indices.shape != values.shape:
+            raise ValueError(f"{len(indices)} indices but {len(values)} values")
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_leaves):
+            raise IndexError(f"leaf index out of range [0, {self.n_leaves})")
+        _sum_tree_update(self.leaves, self.inner, indices, values)
 
     def find(self, values: np.ndarray) -> np.ndarray:
         """For each value in [0, total), the leaf whose prefix-sum interval contains it.
@@ -396,17 +432,7 @@ class SumTree:
         A step to the right is only taken into a subtree with a positive sum, so float rounding at
         an interval's edge can never select a zero-priority (empty) leaf.
         """
-        values = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
-        nodes = np.ones(values.shape, dtype=np.int64)
-        for _ in range(self.depth - 1):
-            left = 2 * nodes
-            left_sum = self.inner[left]
-            go_right = (values >= left_sum) & (self.inner[left + 1] > 0)
-            values = np.where(go_right, values - left_sum, values)
-            nodes = left + go_right
-        left = 2 * nodes - self.n_leaves
-        go_right = (values >= self.leaves[left]) & (self.leaves[left + 1] > 0)
-        return left + go_right
+        return _sum_tree_find(self.leaves, self.inner, np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
 
 
 class PrioritizedReplayBuffer(ReplayBuffer):

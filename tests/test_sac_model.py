@@ -120,6 +120,18 @@ def test_sum_tree_repeated_index_in_one_update_last_write_wins():
     assert tree.total == 5.25
 
 
+def test_sum_tree_update_refuses_indices_outside_the_tree_and_mismatched_values():
+    # The compiled kernel has no bounds checks of its own: these must fail before it runs.
+    tree = SumTree(8)
+    with pytest.raises(IndexError, match="out of range"):
+        tree.update(np.array([8]), np.array([1.0]))
+    with pytest.raises(IndexError, match="out of range"):
+        tree.update(np.array([-1]), np.array([1.0]))
+    with pytest.raises(ValueError, match="2 indices but 1 values"):
+        tree.update(np.array([0, 1]), np.array([1.0]))
+    assert tree.total == 0.0 and not tree.leaves.any()
+
+
 @pytest.mark.parametrize("capacity", [1, 3, 7, 10, 33, 64, 1000])
 def test_sum_tree_find_is_prefix_sum_search(capacity):
     rng = np.random.default_rng(1000 + capacity)
