@@ -15,12 +15,12 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import gymnasium as gym
 import numba
@@ -97,6 +97,9 @@ class SACConfig:
     checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
     keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is always kept")
     save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
+    compile: bool = _option(True, "run the gradient step through torch.compile as one graph (falls back to eager "
+                                  "where no C++ compiler is found); the first compile takes about a minute, "
+                                  "later runs reuse inductor's on-disk cache")
     device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
     run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
@@ -540,6 +543,12 @@ def tanh_gaussian_log_prob(pre_tanh: torch.Tensor, mean: torch.Tensor, log_std: 
     return (gaussian - log_det).sum(-1)
 
 
+def squashed_gaussian(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = tanh(mean + std * noise) for standard-normal `noise` (the reparameterization), and log pi(a)."""
+    pre_tanh = mean + log_std.exp() * noise
+    return torch.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std)
+
+
 class GaussianPolicy(nn.Module):
     """pi(a|s): a diagonal Gaussian over pre-squash actions, squashed by tanh into [-1, 1]."""
 
@@ -557,8 +566,7 @@ class GaussianPolicy(nn.Module):
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterized action in [-1, 1] and its log-probability (with the tanh correction)."""
         mean, log_std = self(obs)
-        pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
-        return torch.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std)
+        return squashed_gaussian(mean, log_std, torch.randn_like(mean))
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """tanh(mean): the action used for evaluation."""
@@ -631,27 +639,57 @@ class TwinQNetwork(nn.Module):
         return ensemble
 
 
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Stop gradients to a module's parameters (not through it): the actor loss needs dQ/da, not dQ/dtheta."""
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        module.requires_grad_(True)
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, stacked: bool = False) -> list[torch.Tensor]:
+    """The gradients scaled so that their joint L2 norm is at most `max_norm` (torch's clip_grad_norm_ rule).
 
-
-def clip_grad_norm_per_member_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip each ensemble member's gradient (slice i of every stacked tensor) to `max_norm` on its own.
-
-    Equivalent to clip_grad_norm_ on each critic separately, without a host sync. Returns the norms.
+    With `stacked`, each ensemble member (slice i of every tensor) is clipped on its own, exactly as
+    clipping each critic separately. Written without a host sync, so it runs inside a compiled graph.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    if stacked:
+        norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    else:
+        norms = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
-    return norms
+    return [g * (scale.view(-1, *([1] * (g.dim() - 1))) if stacked else scale) for g in grads]
+
+
+def init_adam_state(optimizer: torch.optim.Adam) -> None:
+    """Create Adam's step count and moments now: torch.optim.Adam makes them in its first step(), never called here."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.zeros((), device=p.device),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def missing_compiler() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None when it can."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as error:  # inductor raises its own error types when no compiler is found
+        return f"no C++ compiler for torch.compile: {_first_line(error)}"
+    return None
+
+
+def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], state: list[dict[str, torch.Tensor]],
+          lr: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step (Kingma & Ba, 2015) in place, as torch.optim.Adam computes it, on that optimizer's state.
+
+    Written out so that it joins the update's graph: torch.optim's step is a graph break of its own.
+    """
+    beta1, beta2 = betas
+    steps = [s["step"] for s in state]
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state]
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    step = steps[0]  # every tensor of one optimizer has taken the same number of steps
+    step_size = lr / (1.0 - beta1 ** step)
+    denominators = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs),
+                                                         (1.0 - beta2 ** step).sqrt()), eps)
+    torch._foreach_sub_(params, torch._foreach_mul(torch._foreach_div(exp_avgs, denominators), step_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,14 +721,31 @@ class SACAgent:
         self.target_entropy = -float(self.action_dim)
 
         # One Adam over the stacked critic parameters is exactly two Adams, one per critic: Adam is elementwise.
-        # fused=True: one kernel per step instead of a dozen per tensor (measured ~10% faster updates on CPU).
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr_actor, fused=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr_critic, fused=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.lr_alpha)
+        # The optimizers hold the Adam moments and learning rates (so StepLR and checkpoints work as usual);
+        # `gradient_step` applies Adam's rule itself, so that one graph holds the whole step.
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr_actor, capturable=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr_critic, capturable=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.lr_alpha, capturable=True)
+        for optimizer in self.optimizers.values():
+            init_adam_state(optimizer)
         self.schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step_episodes, config.lr_gamma)
                            for opt in self.optimizers.values()]
-        self._critic_params = list(self.critic.parameters())
-        self._target_params = list(self.critic_target.parameters())
+        self.step_runs = "eager"
+        self._step = self.gradient_step
+
+    def compile_update(self) -> str:
+        """Run `gradient_step` through torch.compile from now on, where a C++ compiler allows it.
+
+        Returns how the step runs, for the one line the scripts print. The compiled code is cached on
+        disk by inductor, so only a process's first compile pays the full price.
+        """
+        missing = missing_compiler()
+        if missing:
+            self.step_runs = f"eager ({missing})"
+            return self.step_runs
+        self._step = torch.compile(self.gradient_step, fullgraph=True)
+        self.step_runs = "compiled (torch.compile, one graph)"
+        return self.step_runs
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -717,80 +772,99 @@ class SACAgent:
 
     # ---- learning ----
 
-    def critic_targets(self, batch: Batch, alpha: torch.Tensor) -> torch.Tensor:
+    def critic_targets(self, next_obs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
+                       noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """y = r + gamma (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s')."""
-        with torch.no_grad():
-            next_action, next_log_prob = self.actor.sample(batch.next_obs)
-            next_q = self.critic_target(batch.next_obs, next_action).min(0).values
-            soft_value = next_q - alpha * next_log_prob
-            return batch.rewards + self.config.gamma * (1.0 - batch.terminated) * soft_value
+        next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise)
+        next_q = self.critic_target(next_obs, next_action).min(0).values
+        return rewards + self.config.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
 
-    def critic_losses(self, q_values: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Importance-weighted mean squared TD error of each critic, shape (num_critics,)."""
-        return (weights * (q_values - targets).pow(2)).mean(dim=1)
+    def critic_loss(self, critic_params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
+                    targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """sum_j E_w[(Q_j(s, a) - y)^2], importance-weighted; also each critic's loss and the Q values."""
+        q_values = torch.func.functional_call(self.critic, critic_params, (obs, actions))
+        losses = (weights * (q_values - targets).pow(2)).mean(dim=1)
+        return losses.sum(), (losses, q_values)
 
-    def actor_loss(self, obs: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """E[alpha log pi(a|s) - min_j Q_j(s, a)], a ~ pi(s) reparameterized; also returns log pi."""
-        action, log_prob = self.actor.sample(obs)
-        with frozen(self.critic):
-            q_new = self.critic(obs, action).min(0).values
-        return (alpha * log_prob - q_new).mean(), log_prob
+    def actor_loss(self, actor_params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor,
+                   alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mean + std * noise); also log pi.
 
-    def alpha_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
+        Differentiated with respect to the actor only: the gradient flows through the critics to the action.
+        """
+        action, log_prob = squashed_gaussian(*torch.func.functional_call(self.actor, actor_params, (obs,)), noise)
+        return (alpha * log_prob - self.critic(obs, action).min(0).values).mean(), log_prob
+
+    def alpha_loss(self, log_alpha: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
         """-E[log alpha (log pi + target entropy)]: raises alpha when entropy is below target, lowers it above."""
-        return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        return -(log_alpha * (log_prob + self.target_entropy)).mean()
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One gradient step of critics, actor and temperature, then the soft target update.
+        """One gradient step on a sampled batch (see `gradient_step`), compiled if `compile_update` was called.
 
-        Returns 0-dim tensors of the metrics and `priorities` (mean |TD| of the two critics + 1e-6,
-        one per sample). Nothing here waits for the device: call `.item()` only when logging.
+        The policy's Gaussian noise is drawn here, outside the step, so compiled and eager steps see the
+        same numbers. Nothing waits for the device: call `.item()` on the metrics only when logging.
         """
-        alpha = self.alpha
-        targets = self.critic_targets(batch, alpha)
-        q_values = self.critic(batch.obs, batch.actions)
-        critic_losses = self.critic_losses(q_values, targets, batch.weights)
-        self._step(self.critic_optimizer, critic_losses.sum(), per_member=True)
-
-        actor_loss, log_prob = self.actor_loss(batch.obs, alpha)
-        self._step(self.actor_optimizer, actor_loss)
-        alpha_loss = self.alpha_loss(log_prob)
-        self._step(self.alpha_optimizer, alpha_loss)
-        self.soft_update_targets()
-
-        td_errors = (q_values.detach() - targets).abs().mean(0)
-        return {
-            "critic1_loss": critic_losses[0].detach(),
-            "critic2_loss": critic_losses[1].detach(),
-            "actor_loss": actor_loss.detach(),
-            "alpha_loss": alpha_loss.detach(),
-            "alpha": alpha,
-            "mean_q": q_values.detach().mean(),
-            "entropy": -log_prob.detach().mean(),
-            "priorities": td_errors + PRIORITY_EPS,
-        }
-
-    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, per_member: bool = False) -> None:
-        """Backward, clip (per critic for the ensemble), Adam step."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.config.grad_clip > 0:
-            if per_member:
-                clip_grad_norm_per_member_(params, self.config.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
-        optimizer.step()
+        noise = torch.randn(2, *batch.actions.shape, device=self.device)
+        learning_rates = torch.tensor([opt.param_groups[0]["lr"] for opt in self.optimizers.values()],
+                                      device=self.device)
+        return self._step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
+                          batch.weights, noise, learning_rates)
 
     @torch.no_grad()
-    def soft_update_targets(self) -> None:
-        """theta' <- (1 - tau) theta' + tau theta."""
-        torch._foreach_lerp_(self._target_params, self._critic_params, self.config.tau)
+    def gradient_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                      next_obs: torch.Tensor, terminated: torch.Tensor, weights: torch.Tensor,
+                      noise: torch.Tensor, learning_rates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Critics, then actor, then temperature, each a clipped Adam step; then the soft target update.
+
+        A pure function of tensors with no host sync and no graph break, so torch.compile makes one
+        graph of it. `noise` holds the standard-normal draws for a' ~ pi(s') and a ~ pi(s);
+        `learning_rates` those of the actor, critic and temperature optimizers. Returns 0-dim metric
+        tensors and `priorities` (mean |TD error| of the two critics + 1e-6, one per sample).
+        """
+        actor_lr, critic_lr, alpha_lr = learning_rates
+        alpha = self.log_alpha.exp()
+        targets = self.critic_targets(next_obs, rewards, terminated, noise[0], alpha)
+
+        critic_params = dict(self.critic.named_parameters())
+        grads, (_, (critic_losses, q_values)) = torch.func.grad_and_value(self.critic_loss, has_aux=True)(
+            critic_params, obs, actions, targets, weights)
+        self._adam_step(self.critic_optimizer, critic_params, grads, critic_lr, stacked=True)
+
+        actor_params = dict(self.actor.named_parameters())
+        grads, (actor_loss, log_prob) = torch.func.grad_and_value(self.actor_loss, has_aux=True)(
+            actor_params, obs, noise[1], alpha)
+        self._adam_step(self.actor_optimizer, actor_params, grads, actor_lr)
+
+        alpha_grad, alpha_loss = torch.func.grad_and_value(self.alpha_loss)(self.log_alpha, log_prob)
+        self._adam_step(self.alpha_optimizer, {"log_alpha": self.log_alpha}, {"log_alpha": alpha_grad}, alpha_lr)
+
+        torch._foreach_lerp_(list(self.critic_target.parameters()), list(critic_params.values()), self.config.tau)
+        return {
+            "critic1_loss": critic_losses[0],
+            "critic2_loss": critic_losses[1],
+            "actor_loss": actor_loss,
+            "alpha_loss": alpha_loss,
+            "alpha": alpha,
+            "mean_q": q_values.mean(),
+            "entropy": -log_prob.mean(),
+            "priorities": (q_values - targets).abs().mean(0) + PRIORITY_EPS,
+        }
+
+    def _adam_step(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                   grads: dict[str, torch.Tensor], lr: torch.Tensor, stacked: bool = False) -> None:
+        """Clip the gradients (per critic when `stacked`) unless --grad-clip is 0, then Adam."""
+        tensors, grad_list = list(params.values()), [grads[name] for name in params]
+        if self.config.grad_clip > 0:
+            grad_list = clip_grad_norm(grad_list, self.config.grad_clip, stacked)
+        adam_(tensors, grad_list, [optimizer.state[p] for p in tensors], lr)
 
     def step_schedulers(self) -> None:
         """Advance the learning-rate schedules by one episode."""
-        for scheduler in self.schedulers:
-            scheduler.step()
+        with warnings.catch_warnings():  # torch warns that optimizer.step() never ran: `adam_` does its work
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            for scheduler in self.schedulers:
+                scheduler.step()
 
     def learning_rates(self) -> dict[str, float]:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}

@@ -29,7 +29,7 @@ from sac_model import (
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "checkpoint_every",
-                      "keep_checkpoints", "save_buffer", "device", "threads"}
+                      "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
 EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes use seeds no training episode starts from
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
@@ -178,6 +178,9 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
     buffer = make_buffer(config, obs_dim, action_dim, device)
+    if config.compile:
+        agent.compile_update()
+    print(f"gradient step: {agent.step_runs}")
     env.action_space.seed(config.seed)
     progress, first_reset_seed = Progress(), config.seed
     if checkpoint is not None:

@@ -15,13 +15,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import sac_model
 from sac_model import SACAgent, read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 # Pendulum-v1: 200-step episodes (always truncated), action bounds [-2, 2]; small networks keep it fast.
 SMALL = ["--env", "Pendulum-v1", "--hidden-size", "32", "--batch-size", "32", "--buffer-size", "5000",
-         "--start-steps", "200", "--update-after", "200", "--threads", "1", "--device", "cpu"]
+         "--start-steps", "200", "--update-after", "200", "--threads", "1", "--device", "cpu", "--no-compile"]
 EXPECTED_TAGS = {
     "losses/critic1", "losses/critic2", "losses/actor", "losses/alpha", "charts/alpha", "charts/mean_q",
     "charts/entropy", "charts/lr_actor", "charts/lr_critic", "charts/lr_alpha", "charts/per_beta",
@@ -289,11 +290,16 @@ def test_visualize_without_checkpoints_shows_the_shipped_pretrained_lander(tmp_p
 
 
 def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
-    """A random policy scores about -1200 on Pendulum; SAC must reach better than -400 in 5000 steps."""
+    """A random policy scores about -1200 on Pendulum; SAC must reach better than -400 in 5000 steps.
+
+    Runs the default gradient step: compiled where a C++ compiler exists.
+    """
     result = run_script("train.py", tmp_path, "--env", "Pendulum-v1", "--hidden-size", "64", "--batch-size", "128",
                         "--start-steps", "1000", "--update-after", "500", "--total-steps", "5000", "--episodes", "25",
                         "--eval-every", "5", "--eval-episodes", "5", "--threads", "1", "--run-name", "learn")
     assert result.returncode == 0, result.stderr
+    expected = "eager (no C++ compiler" if sac_model.missing_compiler() else "compiled (torch.compile, one graph)"
+    assert f"gradient step: {expected}" in result.stdout
     history = read_checkpoint(tmp_path / "checkpoints" / "learn" / "final.pt")["training"]["eval_history"]
     first_mean, last_mean = history[0][1], history[-1][1]
     assert last_mean > -400, history
