@@ -823,6 +823,24 @@ def test_twin_q_network_matches_separate_critics_outputs_and_gradients(layer_nor
     assert sum(p.numel() for p in twin.parameters()) == n_separate
 
 
+def test_bf16_precision_rounds_only_the_hidden_products_and_keeps_fp32_outputs():
+    g = torch.Generator().manual_seed(0)
+    obs, action = torch.randn(64, 3, generator=g), torch.rand(64, 1, generator=g) * 2 - 1
+    agents = {precision: pendulum_agent(precision=precision) for precision in ("fp32", "bf16")}
+    agents["bf16"].load_state_dict(agents["fp32"].state_dict())
+    hidden = agents["bf16"].actor.trunk[0]
+    rounded = obs.bfloat16().float() @ hidden.weight.bfloat16().float().T
+    torch.testing.assert_close(hidden(obs), rounded.bfloat16().float() + hidden.bias, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        q = {precision: agent.critic(obs, action) for precision, agent in agents.items()}
+        mean = {precision: agent.actor(obs)[0] for precision, agent in agents.items()}
+    assert q["bf16"].dtype == mean["bf16"].dtype == torch.float32
+    assert not torch.equal(q["bf16"], q["fp32"]) and not torch.equal(mean["bf16"], mean["fp32"])
+    torch.testing.assert_close(q["bf16"], q["fp32"], rtol=0.05, atol=0.02)  # bf16 keeps ~3 significant digits
+    metrics = agents["bf16"].update(random_batch(3, 1, 16))
+    assert all(value.dtype == torch.float32 and value.isfinite().all() for value in metrics.values())
+
+
 def test_twin_q_network_critics_are_independent():
     twin = TwinQNetwork(3, 1, HIDDEN, True)
     obs, action = torch.randn(8, 3), torch.randn(8, 1)
@@ -977,7 +995,7 @@ def test_check_checkpoint_fits_env_refuses_other_env(tmp_path):
     dict(buffer_size=-5), dict(hidden_size=0), dict(batch_size=-1), dict(episodes=0),
     dict(batch_size=512, buffer_size=100), dict(gamma=1.5), dict(gamma=0.0), dict(gamma=-0.1),
     dict(tau=0.0), dict(tau=2.0), dict(start_steps=-1), dict(lr_actor=0.0), dict(per_beta_start=1.5),
-    dict(max_steps=0), dict(buffer="ring"),
+    dict(max_steps=0), dict(buffer="ring"), dict(precision="fp16"),
 ])
 def test_config_validate_rejects_invalid_values(overrides):
     with pytest.raises(ConfigError):
