@@ -767,6 +767,8 @@ class SACAgent:
             init_adam_state(optimizer)
         self.schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step_episodes, config.lr_gamma)
                            for opt in self.optimizers.values()]
+        self._learning_rates = torch.zeros(len(self.optimizers), device=self.device)
+        self._refresh_learning_rates()
         self.step_runs = "eager"
         self._step = self.gradient_step
 
@@ -847,10 +849,8 @@ class SACAgent:
         same numbers. Nothing waits for the device: call `.item()` on the metrics only when logging.
         """
         noise = torch.randn(2, *batch.actions.shape, device=self.device)
-        learning_rates = torch.tensor([opt.param_groups[0]["lr"] for opt in self.optimizers.values()],
-                                      device=self.device)
         return self._step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
-                          batch.weights, noise, learning_rates)
+                          batch.weights, noise, self._learning_rates)
 
     @torch.no_grad()
     def gradient_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
@@ -906,6 +906,15 @@ class SACAgent:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             for scheduler in self.schedulers:
                 scheduler.step()
+        self._refresh_learning_rates()
+
+    def _refresh_learning_rates(self) -> None:
+        """Copy the optimizers' learning rates into the tensor the step reads.
+
+        A tensor, not floats: torch.compile would specialize on each new float and recompile the step
+        at every StepLR decay. Refreshed only when the rates change, so `update` copies nothing to the device.
+        """
+        self._learning_rates.copy_(torch.tensor(list(self.learning_rates().values())))
 
     def learning_rates(self) -> dict[str, float]:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
@@ -939,6 +948,7 @@ class SACAgent:
             opt.load_state_dict(state["optimizers"][name])
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
+        self._refresh_learning_rates()
 
     def metadata(self) -> dict:
         """Plain data that identifies what this agent acts in and how it was configured."""

@@ -628,9 +628,11 @@ def test_compiled_step_matches_eager_step_in_every_parameter_moment_and_metric()
     clip, a wrong sign, the targets from the wrong network) is off by ~1e-2; rounding measured ~2e-6 over
     5 steps, hence atol 1e-5.
     """
-    agents = [pendulum_agent(lr_actor=1e-2, lr_critic=1e-2, lr_alpha=1e-2, grad_clip=0.5) for _ in range(2)]
+    agents = [pendulum_agent(lr_actor=1e-2, lr_critic=1e-2, lr_alpha=1e-2, grad_clip=0.5, lr_step_episodes=1,
+                             lr_gamma=0.7) for _ in range(2)]  # new learning rates at every step
     agents[1].load_state_dict(copy.deepcopy(agents[0].state_dict()))  # a state_dict shares the live tensors
     assert agents[1].compile_update().startswith("compiled")
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for step in range(5):
         batch = random_batch(3, 1, 16, seed=step)
         batch.weights = torch.rand(16, generator=torch.Generator().manual_seed(step))
@@ -646,6 +648,8 @@ def test_compiled_step_matches_eager_step_in_every_parameter_moment_and_metric()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
     assert eager["optimizers.critic.state.0.step"].item() == 5
+    assert agents[1].learning_rates()["critic"] == pytest.approx(1e-2 * 0.7 ** 5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 1  # no recompile per rate
 
 
 def test_update_soft_updates_targets_after_gradient_step():
