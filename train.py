@@ -244,7 +244,6 @@ def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer
 
 def train(args: argparse.Namespace, given: set[str]) -> int:
     config, checkpoint, checkpoint_path = run_config(args, given)
-    run_lock = claim_run(config.run_name, checkpoint is None, args.overwrite)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -253,6 +252,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     env = make_env(config.env, config.max_steps)
     config.max_steps = env.spec.max_episode_steps
     eval_env = make_env(config.env, config.max_steps)
+    run_lock = claim_run(config.run_name, checkpoint is None, args.overwrite)  # after the env is known to be valid
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
     buffer = make_buffer(config, obs_dim, action_dim, device)
