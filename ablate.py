@@ -33,10 +33,12 @@ import time
 from pathlib import Path
 from typing import IO
 
-from sac_model import ConfigError, OneLineErrorParser, config_from_args
+from sac_model import (
+    CheckpointError, ConfigError, OneLineErrorParser, SACConfig, checkpoint_files, config_from_args, read_checkpoint,
+)
 from study import TABLE_NOTES, aggregate, load_study, markdown_table, plot_curves, run_name
+from train import RESUME_OVERRIDABLE, changed_flags, flags_given
 from train import build_parser as train_parser
-from train import flags_given
 
 try:
     import ray
@@ -316,14 +318,42 @@ def lock_study(study_dir: Path, parser: argparse.ArgumentParser) -> IO:
     return handle
 
 
-def plan_trials(args: argparse.Namespace, settings: dict, study_dir: Path) -> dict[str, list[str]]:
-    """The train.py flags of each trial still to run, by run name; prints which are finished (skipped).
+def all_trial_flags(args: argparse.Namespace, settings: dict) -> dict[str, list[str]]:
+    """The train.py flags of every trial, by run name, seed-major.
 
     Seed-major order: every configuration's seed 0 runs before any seed 1, so a study stopped part
     way still compares all configurations on the same seeds.
     """
-    flags = {run_name(config, seed): train_flags(settings, config, seed, args.cpus_per_trial)
-             for seed in range(args.seeds) for config in args.configs}
+    return {run_name(config, seed): train_flags(settings, config, seed, args.cpus_per_trial)
+            for seed in range(args.seeds) for config in args.configs}
+
+
+def refuse_foreign_trials(flags: dict[str, list[str]], study_dir: Path, parser: argparse.ArgumentParser) -> None:
+    """Exit 2 if a trial folder holds a run this study did not make: it is never skipped, resumed or overwritten.
+
+    A trial's newest checkpoint must have been trained with the trial's own flags (those a resume may
+    change aside).
+    """
+    for run, run_flags in flags.items():
+        files = checkpoint_files(study_dir / "checkpoints" / run)
+        if not files:
+            continue
+        try:
+            config = SACConfig(**read_checkpoint(files[-1])["metadata"]["config"])
+        except (CheckpointError, TypeError) as error:
+            parser.error(f"trial folder {files[-1].parent} is not this study's {run}: {error}")
+        trial_args = train_parser().parse_args(run_flags)
+        foreign = sorted(changed_flags(config, trial_args, flags_given(run_flags)) - RESUME_OVERRIDABLE)
+        if foreign:
+            name = foreign[0]
+            parser.error(f"trial folder {files[-1].parent} is not this study's {run}: it was trained with "
+                         f"--{name.replace('_', '-')} {getattr(config, name)}, the study sets "
+                         f"{getattr(trial_args, name)}; move it away or choose another --name")
+
+
+def plan_trials(args: argparse.Namespace, settings: dict, study_dir: Path) -> dict[str, list[str]]:
+    """The train.py flags of each trial still to run, by run name; prints which are finished (skipped)."""
+    flags = all_trial_flags(args, settings)
     states = {run: trial_state(study_dir, run) for run in flags}
     for run, state in states.items():
         if state == "finished":
@@ -343,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.aggregate_only:
         check_train_args(settings, parser)
         lock = lock_study(study_dir, parser)
+        refuse_foreign_trials(all_trial_flags(args, settings), study_dir, parser)
         (study_dir / "study.json").write_text(json.dumps(settings, indent=2) + "\n")
         pending = plan_trials(args, settings, study_dir)
         if pending:

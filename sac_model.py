@@ -11,16 +11,18 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import fcntl
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import gymnasium as gym
 import numba
@@ -37,6 +39,7 @@ DEFAULT_TIME_LIMIT = 1000
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 RUNS_DIR = Path("runs")
 CHECKPOINTS_DIR = Path("checkpoints")
+LOCK_FILE = ".lock"  # in checkpoints/<run>/: held by the process that trains the run
 
 
 class SACError(Exception):
@@ -53,6 +56,10 @@ class CheckpointError(SACError):
 
 class TrainingDivergedError(SACError):
     """A loss, Q value, TD error or parameter became NaN or infinite."""
+
+
+class WriteError(SACError):
+    """A file could not be written: no space left, a quota or file size limit, an I/O error."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1023,6 +1030,10 @@ def atomic_save(obj: dict, path: Path) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        if os_error_reason(error) is None:
+            raise
+        raise WriteError(f"cannot write {path}: {os_error_reason(error)}") from None
     finally:
         temporary.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -1031,6 +1042,19 @@ def atomic_save(obj: dict, path: Path) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def os_error_reason(error: BaseException) -> str | None:
+    """The operating system's reason behind a failed write ('No space left on device'), or None if it was not the OS.
+
+    torch.save reports a failed write as RuntimeError('... unexpected pos ...'); the OSError raised by the
+    file underneath is its context.
+    """
+    while error is not None:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        error = error.__context__
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -1089,6 +1113,68 @@ def find_checkpoint(target: str | Path | None) -> Path:
             return files[-1]
         raise CheckpointError(f"{folder}: holds no checkpoint (*.pt)")
     raise CheckpointError(f"{target}: no such checkpoint file, folder or run name")
+
+
+def newest_intact_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint in a folder that loads and validates, or None: where a resume would start from."""
+    for path in reversed(checkpoint_files(folder)):
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def run_files(run_name: str) -> list[Path]:
+    """What a run has written: its checkpoints and TensorBoard files (not its lock or temporary files)."""
+    events = [p for p in (RUNS_DIR / run_name).rglob("*") if p.is_file()]
+    return checkpoint_files(CHECKPOINTS_DIR / run_name) + events
+
+
+def refuse_existing_run(run_name: str) -> None:
+    """Raise SACError if a run of this name has written files: a new run must never overwrite or mix with it."""
+    if run_files(run_name):
+        raise SACError(f"run {run_name!r} already exists ({CHECKPOINTS_DIR / run_name}/, {RUNS_DIR / run_name}/): "
+                       f"continue it with --resume {run_name}, or choose another --run-name "
+                       "(--overwrite deletes it and starts over)")
+
+
+def remove_run_files(run_name: str) -> int:
+    """Delete a run's checkpoints, temporary files and TensorBoard folder (not its lock); returns the count."""
+    removed = run_files(run_name)
+    folder = CHECKPOINTS_DIR / run_name
+    for path in checkpoint_files(folder) + list(folder.glob(".*.tmp")):
+        path.unlink()
+    if (RUNS_DIR / run_name).exists():
+        shutil.rmtree(RUNS_DIR / run_name)
+    return len(removed)
+
+
+def lock_run(run_name: str) -> IO:
+    """Hold an exclusive advisory lock on the run for as long as this process lives, or raise SACError.
+
+    The lock file in checkpoints/<run>/ holds the holder's pid. flock is released by the OS when the
+    process ends in any way (kill -9 included), so no stale lock is ever left behind.
+    """
+    path = CHECKPOINTS_DIR / run_name / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # never truncate before holding the lock: the holder's pid is in it
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SACError(f"run {run_name!r} is being trained by process {holder} ({path}): "
+                       "wait for it to end or stop it first") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

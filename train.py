@@ -6,13 +6,16 @@ finishes the current step, writes a checkpoint and exits; `--resume` continues t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -20,10 +23,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from sac_model import (
-    CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
+    CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError, WriteError,
     add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
-    find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
-    resolve_device, restore_rng_state, seed_everything,
+    find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer, make_env, newest_intact_checkpoint,
+    per_beta, prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files, resolve_device,
+    restore_rng_state, seed_everything,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(parser)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run over: delete the checkpoints and TensorBoard logs of an earlier run of "
+                             "the same --run-name first")
     return parser
 
 
@@ -73,13 +80,19 @@ def flags_given(argv: list[str]) -> set[str]:
     unset = object()
     probe = build_parser()
     probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)})
-    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset} - {"resume"}
+    given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+    return given - {"resume", "overwrite"}
+
+
+def changed_flags(config: SACConfig, args: argparse.Namespace, given: set[str]) -> set[str]:
+    """The config fields given on the command line whose value differs from `config`'s."""
+    return {name for name in given if getattr(args, name) != getattr(config, name)}
 
 
 def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
     """The checkpoint's config, with the run-length and bookkeeping flags the user gave on top."""
     config = SACConfig(**checkpoint["metadata"]["config"])
-    changed = {name for name in given if getattr(args, name) != getattr(config, name)}
+    changed = changed_flags(config, args, given)
     forbidden = sorted(changed - RESUME_OVERRIDABLE)
     if forbidden:
         raise SACError(f"--{forbidden[0].replace('_', '-')} cannot change when resuming; "
@@ -117,11 +130,15 @@ def log_update_metrics(writer: SummaryWriter, metrics: dict[str, torch.Tensor], 
 
 
 def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SACConfig, name: str,
-                    episode_finished: bool) -> Path:
-    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent."""
+                    episode_finished: bool, writer: SummaryWriter) -> Path:
+    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent.
+
+    The TensorBoard events are flushed first: a checkpoint never claims steps whose events failed to be written.
+    """
     if not agent.parameters_finite():
         raise TrainingDivergedError(f"non-finite network parameters at env step {progress.global_step}; "
                                     "the last good checkpoint is left untouched")
+    writer.flush()
     training = {
         **dataclasses.asdict(progress),
         "run_name": config.run_name,
@@ -147,6 +164,66 @@ def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, di
             config.run_name = f"{config.env}__seed{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     config.validate()
     return config, checkpoint, checkpoint_path
+
+
+def claim_run(run_name: str, new_run: bool, overwrite: bool) -> IO:
+    """Lock the run for this process; a new run is refused if the name is taken, unless --overwrite deletes it.
+
+    The name is checked before anything is written. Two processes started on one new name at once pass it
+    together, and then the lock refuses the second.
+    """
+    if new_run and not overwrite:
+        refuse_existing_run(run_name)
+    lock = lock_run(run_name)
+    if new_run and overwrite:
+        removed = remove_run_files(run_name)
+        print(f"--overwrite: deleted {removed} files of the earlier run {run_name!r} "
+              f"({CHECKPOINTS_DIR / run_name}/, {RUNS_DIR / run_name}/)")
+    return lock
+
+
+def open_event_log(config: SACConfig, resumed_step: int | None) -> SummaryWriter:
+    """The run's TensorBoard writer, its first events on disk.
+
+    On resume, events logged after the checkpoint by the interrupted process are dropped: no seam, no duplicates.
+    """
+    writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=None if resumed_step is None else resumed_step + 1)
+    if resumed_step is None:
+        writer.add_text("config", "\n".join(f"{k}: {v}  " for k, v in dataclasses.asdict(config).items()))
+    writer.flush()
+    return writer
+
+
+def write_failure(error: OSError | WriteError, run_name: str) -> WriteError:
+    """One line for a failed write: the file, the OS's reason, the newest intact checkpoint and how to go on.
+
+    A bare OSError comes from TensorBoard's writer thread, which re-raises its failure at a later add_scalar
+    or flush, without a file name.
+    """
+    if isinstance(error, OSError):
+        error = WriteError(f"cannot write TensorBoard events to {error.filename or RUNS_DIR / run_name}: "
+                           f"{error.strerror or error}")
+    newest = newest_intact_checkpoint(CHECKPOINTS_DIR / run_name)
+    if newest is None:
+        return WriteError(f"{error}; no checkpoint of run {run_name!r} yet: free space and start it again "
+                          "with --overwrite")
+    return WriteError(f"{error}; newest intact checkpoint: {newest}; free space, then continue with: "
+                      f"python train.py --resume {run_name}")
+
+
+def quiet_event_writer_thread() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails.
+
+    tensorboard stores the thread's exception and re-raises it in the main thread at the next add_scalar or
+    flush, where train() reports it in one line; the thread's own report would be a second, noisy one.
+    """
+    default_hook = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            default_hook(args)
+
+    threading.excepthook = hook
 
 
 def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer, env) -> Progress:
@@ -175,6 +252,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     env = make_env(config.env, config.max_steps)
     config.max_steps = env.spec.max_episode_steps
     eval_env = make_env(config.env, config.max_steps)
+    run_lock = claim_run(config.run_name, checkpoint is None, args.overwrite)  # after the env is known to be valid
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
     buffer = make_buffer(config, obs_dim, action_dim, device)
@@ -186,10 +264,10 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     if checkpoint is not None:
         progress, first_reset_seed = restore_training_state(checkpoint, checkpoint_path, agent, buffer, env), None
 
-    # On resume, drop events logged after the checkpoint by the interrupted process: no seam, no duplicates.
-    writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("config", "\n".join(f"{k}: {v}  " for k, v in dataclasses.asdict(config).items()))
+    try:
+        writer = open_event_log(config, progress.global_step if checkpoint else None)
+    except OSError as error:
+        raise write_failure(error, config.run_name) from None
     step_budget = min(config.total_steps or np.inf, config.episodes * config.max_steps)
     bar = tqdm(total=int(step_budget), initial=progress.global_step, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
@@ -229,21 +307,25 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
 
         if stop.signum is not None:
             path = save_checkpoint(agent, buffer, progress, env, config, f"step_{progress.global_step:09d}",
-                                   episode_finished)
+                                   episode_finished, writer)
             prune_checkpoints(path.parent, config.keep_checkpoints)
             print(f"{signal.Signals(stop.signum).name} received: stopped at env step {progress.global_step}, "
                   f"saved {path}; continue with: python train.py --resume {config.run_name}", file=sys.stderr)
             return 128 + stop.signum
         if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
             evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
-        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished)
+        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished, writer)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
+    except (OSError, WriteError) as error:
+        raise write_failure(error, config.run_name) from None
     finally:
         bar.close()
-        writer.close()
+        with contextlib.suppress(OSError):  # a failed write was reported above; the first error is the one to tell
+            writer.close()
         env.close()
         eval_env.close()
+        run_lock.close()
 
 
 def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
@@ -274,7 +356,7 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
         postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
     bar.set_postfix(postfix, refresh=False)
     if progress.episode % config.checkpoint_every == 0:
-        path = save_checkpoint(agent, buffer, progress, env, config, f"step_{step:09d}", episode_finished=True)
+        path = save_checkpoint(agent, buffer, progress, env, config, f"step_{step:09d}", True, writer)
         prune_checkpoints(path.parent, config.keep_checkpoints)
 
 
@@ -282,10 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory_mapped()
     args = build_parser().parse_args(argv)
+    if args.overwrite and args.resume:
+        build_parser().error("--overwrite starts a run over; it cannot be combined with --resume")
+    quiet_event_writer_thread()
     try:
         return train(args, flags_given(argv))
     except TrainingDivergedError as error:
         fail(f"training diverged: {error}", code=3)
+    except WriteError as error:
+        fail(str(error), code=4)
     except SACError as error:
         fail(str(error))
     except KeyboardInterrupt:  # before the signal handlers are installed: nothing to save yet

@@ -7,19 +7,21 @@ writes the videos to videos/.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gymnasium.wrappers import RecordVideo
 
 from sac_model import (
-    CheckpointError, OneLineErrorParser, SACAgent, SACError, check_checkpoint_fits_env, evaluate_policy, fail,
-    find_checkpoint, make_env, read_checkpoint,
+    CheckpointError, OneLineErrorParser, SACAgent, SACError, WriteError, check_checkpoint_fits_env, evaluate_policy,
+    fail, find_checkpoint, make_env, read_checkpoint,
 )
 
 # A LunarLander agent that ships with the repository, so there is something to watch before training.
@@ -46,6 +48,54 @@ def check_writable_folder(folder: Path) -> None:
             pass
     except OSError as error:
         raise SACError(f"cannot write videos to {folder}: {error.strerror or error}") from None
+
+
+def mp4_is_complete(path: Path) -> bool:
+    """True when the file's top-level MP4 boxes fill it exactly and include the index (moov).
+
+    On a full disk ffmpeg can stop writing a video without any error reaching moviepy, leaving a file no
+    player opens: only its structure tells.
+    """
+    data = path.read_bytes()
+    position, kinds = 0, set()
+    while position + 8 <= len(data):
+        size = int.from_bytes(data[position:position + 4], "big")
+        kinds.add(data[position + 4:position + 8])
+        if size == 1:  # a 64-bit size follows the type
+            size = int.from_bytes(data[position + 8:position + 16], "big")
+        if size < 8:
+            return False
+        position += size
+    return position == len(data) and b"moov" in kinds
+
+
+def video_write_error(videos: list[Path], error: OSError | None) -> WriteError:
+    """WriteError naming the newest video and the OS's reason, found in ffmpeg's log that moviepy passes on."""
+    reasons = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)]
+    found = [reason for reason in reasons if error is not None and reason in str(error)]
+    reason = found[0] if found else (error.strerror if error is not None else "ffmpeg left it incomplete")
+    newest = max(videos, key=lambda p: p.stat().st_mtime_ns) if videos else "a video"
+    return WriteError(f"cannot write {newest}: {reason}; no video of this call was kept")
+
+
+def record_checked(play: Callable[[], list[float]], folder: Path, prefix: str) -> list[float]:
+    """Run `play` while RecordVideo writes its mp4s; if any write fails or leaves a broken file, delete them all.
+
+    Raises WriteError: a failed call keeps no half-written video.
+    """
+    try:
+        returns, error = play(), None
+    except OSError as raised:
+        returns, error = [], raised
+    videos = sorted(folder.glob(prefix + "*.mp4"))
+    if error is None and all(mp4_is_complete(video) for video in videos):
+        return returns
+    failure = video_write_error(videos, error)
+    for video in videos:
+        video.unlink()
+    # RecordVideo whose close failed still holds frames; its __del__ would warn at exit that they were not saved.
+    warnings.filterwarnings("ignore", message=".*Unable to save last video")
+    raise failure
 
 
 def newest_or_pretrained() -> Path:
@@ -80,11 +130,15 @@ def visualize(args: argparse.Namespace) -> None:
             env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, name_prefix=prefix)
     mode = "stochastic" if args.stochastic else "deterministic"
     print(f"{agent.env_id}: {args.episodes} {mode} episodes of {path}")
-    try:
-        returns = evaluate_policy(agent, env, args.episodes, args.seed, deterministic=not args.stochastic,
-                                  on_episode_end=lambda i, r: print(f"episode {i + 1}: return {r:.1f}"))
-    finally:
-        env.close()
+
+    def play() -> list[float]:
+        try:
+            return evaluate_policy(agent, env, args.episodes, args.seed, deterministic=not args.stochastic,
+                                   on_episode_end=lambda i, r: print(f"episode {i + 1}: return {r:.1f}"))
+        finally:
+            env.close()  # RecordVideo writes the last video here
+
+    returns = play() if args.no_video else record_checked(play, folder, prefix)
     print(f"mean return {np.mean(returns):.1f} +/- {np.std(returns):.1f} (std) over {len(returns)} episodes")
     if not args.no_video:
         print(f"videos: {sorted(str(p) for p in Path(args.video_folder).glob(prefix + '*.mp4'))}")
@@ -94,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         visualize(args)
+    except WriteError as error:
+        fail(str(error), code=4)
     except SACError as error:
         fail(str(error))
     except KeyboardInterrupt:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import imageio.v2 as imageio
 import pytest
@@ -50,6 +52,30 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.1)
+
+
+def file_contents(*folders: Path) -> dict[Path, bytes]:
+    """Every file under the folders, with its bytes: a run's state, to show it was left untouched."""
+    return {path: path.read_bytes() for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on its own 8 MB tmpfs: a real filesystem that fills up. Mounting needs root; skipped without."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill_disk(folder: Path, free_bytes: int) -> Path:
+    """Fill the filesystem of `folder` until `free_bytes` are left; delete the returned file to free the space."""
+    filler = folder / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(folder).free - free_bytes))
+    return filler
 
 
 def scalar_tags(run_dir: Path) -> EventAccumulator:
@@ -314,3 +340,82 @@ def test_the_final_agent_is_always_evaluated(tmp_path: Path) -> None:
     assert [entry[0] for entry in training["eval_history"]] == [300]  # stopped mid-episode, before any periodic eval
     assert not training["episode_finished"]
     assert [e.step for e in scalar_tags(tmp_path / "runs" / "short").Scalars("eval/return_mean")] == [300]
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(trained_run: Path, tmp_path: Path) -> None:
+    before = file_contents(trained_run / "checkpoints" / "small", trained_run / "runs" / "small")
+    result = run_script("train.py", trained_run, *SMALL, "--episodes", "1", "--run-name", "small")
+    assert_one_line_error(result, "run 'small' already exists")
+    assert "--resume small" in result.stderr and "another --run-name" in result.stderr
+    assert file_contents(trained_run / "checkpoints" / "small", trained_run / "runs" / "small") == before
+    # TensorBoard files alone (a run killed before its first checkpoint) are a run too.
+    (tmp_path / "runs" / "early").mkdir(parents=True)
+    (tmp_path / "runs" / "early" / "events.out.tfevents.1").write_bytes(b"curve")
+    assert_one_line_error(run_script("train.py", tmp_path, *SMALL, "--episodes", "1", "--run-name", "early"),
+                          "run 'early' already exists")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_overwrite_deletes_the_earlier_run_and_says_so(tmp_path: Path) -> None:
+    common = [*SMALL, "--total-steps", "200", "--eval-every", "0", "--run-name", "again"]
+    assert run_script("train.py", tmp_path, *common).returncode == 0
+    result = run_script("train.py", tmp_path, *common, "--hidden-size", "16", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "--overwrite: deleted 2 files of the earlier run 'again'" in result.stdout  # final.pt, one event file
+    assert SACAgent.load(tmp_path / "checkpoints" / "again" / "final.pt").config.hidden_size == 16
+    assert len(list((tmp_path / "runs" / "again").iterdir())) == 1
+
+
+def test_a_run_in_training_is_locked_against_a_second_process_until_it_dies(tmp_path: Path) -> None:
+    process = start_train(tmp_path, *SMALL, "--episodes", "1000", "--checkpoint-every", "1", "--eval-every", "0",
+                          "--run-name", "busy")
+    folder = tmp_path / "checkpoints" / "busy"
+    try:
+        wait_for(lambda: any(folder.glob("*.pt")))
+        for args in (["--resume", "busy", "--episodes", "1"],
+                     [*SMALL, "--episodes", "1", "--run-name", "busy", "--overwrite"]):
+            assert_one_line_error(run_script("train.py", tmp_path, *args),
+                                  f"run 'busy' is being trained by process {process.pid}")
+        assert any(folder.glob("*.pt"))
+    finally:
+        process.kill()  # kill -9: the OS releases the lock, no stale lock file blocks the run
+        process.wait(timeout=30)
+    resumed = run_script("train.py", tmp_path, "--resume", "busy", "--episodes", "1")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("free_bytes, resume_flags, failed_write", [
+    (40_960, ["--episodes", "4"], "checkpoints/full/step_000000600.pt"),  # no room for the next checkpoint
+    (8_192, ["--episodes", "8", "--checkpoint-every", "100"], "TensorBoard events to runs/full"),
+], ids=["checkpoint", "events"])
+def test_a_full_disk_ends_in_one_line_and_the_run_resumes_once_space_is_freed(
+        small_disk: Path, free_bytes: int, resume_flags: list[str], failed_write: str) -> None:
+    first = run_script("train.py", small_disk, *SMALL, "--episodes", "2", "--checkpoint-every", "1",
+                       "--eval-every", "0", "--run-name", "full")
+    assert first.returncode == 0, first.stderr
+    filler = fill_disk(small_disk, free_bytes)
+    result = run_script("train.py", small_disk, "--resume", "full", *resume_flags)
+    assert_one_line_error(result, f"cannot write {failed_write}: No space left on device", code=4)
+    assert "newest intact checkpoint: checkpoints/full/final.pt" in result.stderr
+    assert "python train.py --resume full" in result.stderr
+    folder = small_disk / "checkpoints" / "full"
+    assert not list(folder.glob(".*.tmp"))
+    assert read_checkpoint(folder / "final.pt")["training"]["global_step"] == 400
+    filler.unlink()
+    resumed = run_script("train.py", small_disk, "--resume", "full", *resume_flags)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+# With 8 KB free, ffmpeg truncates the first video without an error reaching moviepy; the second one fails
+# with an OSError. One episode checks the silent case, two the raised one.
+@pytest.mark.parametrize("episodes, reason", [("1", "ffmpeg left it incomplete"), ("2", "No space left on device")],
+                         ids=["silently-truncated", "raised"])
+def test_a_full_disk_while_recording_videos_ends_in_one_line_and_keeps_no_broken_video(
+        trained_run: Path, small_disk: Path, episodes: str, reason: str) -> None:
+    (small_disk / "checkpoints" / "small").mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints" / "small" / "final.pt", small_disk / "checkpoints" / "small")
+    fill_disk(small_disk, 8_192)
+    result = run_script("visualize.py", small_disk, "--episodes", episodes)
+    assert_one_line_error(result, f"{reason}; no video of this call was kept", code=4)
+    assert "cannot write videos/small-final-" in result.stderr
+    assert not list((small_disk / "videos").iterdir())

@@ -192,3 +192,23 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "4 finished, 0 to resume, 0 to start" in second.stdout
     assert "started" not in second.stdout  # Ray launched nothing
     assert time.monotonic() - start < 60
+
+
+def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    train_args = "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 --start-steps 100"
+    study = tmp_path / "studies" / "clash"
+    study.mkdir(parents=True)
+    # A run under the trial's name, with the study's flags but another width: not this study's trial.
+    foreign = subprocess.run([sys.executable, str(REPO / "train.py"), *train_args.split(), "--hidden-size", "32",
+                              "--total-steps", "100", "--threads", "1", "--run-name", "full__seed0"],
+                             cwd=study, capture_output=True, text=True, timeout=120)
+    assert foreign.returncode == 0, foreign.stderr
+    final = study / "checkpoints" / "full__seed0" / "final.pt"
+    before = final.read_bytes()
+    result = run_ablate(tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1", "--configs", "full",
+                        "--train-args", train_args, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "is not this study's full__seed0: it was trained with --hidden-size 32, the study sets 16" in result.stderr
+    assert final.read_bytes() == before and not (study / "results.md").exists()
