@@ -2,11 +2,14 @@
 
     python benchmarks/bench_sac.py [--threads 2] [--repeats 5] [--quick] [--skip-sb3] [--skip-e2e] [--output FILE]
 
-Three measurements, each a median over repeats (time.perf_counter):
+Six measurements, each a median over repeats (time.perf_counter):
 1. ms per gradient update at batch 256, hidden 256, with the replay buffer filled with 1e4, 1e5 and
    1e6 random LunarLander-shaped transitions; ours and SB3 are timed back to back in every repeat.
 2. The prioritized replay buffer alone: sample(256) + update_priorities(256), and bytes per transition.
 3. End-to-end env steps per second of `train.py` and of SB3's `SAC.learn` after the random warm-up.
+4. Seconds of a whole short training process, `train.py` against SB3 in a fresh process.
+5. Start-up: a short `train.py` process eager, compiled with an empty inductor cache, and with it filled.
+6. Microseconds to choose one action at batch 1, ours and SB3's `predict`.
 
 Stable-Baselines3 is imported only where it is used, so `--skip-sb3` runs without it installed.
 """
@@ -56,11 +59,14 @@ class Settings:
     per_iterations: int  # sample + update_priorities pairs in one timed block
     e2e_total_steps: int  # env steps of one end-to-end run (a multiple of UPDATE_EVERY)
     e2e_start_steps: int  # random warm-up steps, also where updates begin (a multiple of UPDATE_EVERY)
+    whole_total_steps: int  # env steps of one whole-process run (table 4)
+    whole_start_steps: int  # its random warm-up, where updates begin; also the start-up runs' length (table 5)
 
 
 FULL = Settings(warmup_updates=20, timed_updates=100, per_iterations=2_000, e2e_total_steps=7_000,
-                e2e_start_steps=2_000)
-QUICK = Settings(warmup_updates=2, timed_updates=5, per_iterations=50, e2e_total_steps=600, e2e_start_steps=300)
+                e2e_start_steps=2_000, whole_total_steps=6_000, whole_start_steps=1_000)
+QUICK = Settings(warmup_updates=2, timed_updates=5, per_iterations=50, e2e_total_steps=600, e2e_start_steps=300,
+                 whole_total_steps=400, whole_start_steps=300)
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,15 @@ class Variant:
     label: str
     buffer: str  # "prioritized" or "uniform", as train.py's --buffer
     layer_norm: bool
+    compile: bool = True  # train.py's --compile / --no-compile
+    precision: str = "fp32"  # train.py's --precision
 
 
 VARIANTS = (
-    Variant("PER + LayerNorm (default)", "prioritized", True),
-    Variant("uniform + LayerNorm", "uniform", True),
-    Variant("PER, no LayerNorm", "prioritized", False),
-    Variant("uniform, no LayerNorm (apples to apples)", "uniform", False),
+    Variant("PER + LayerNorm, compiled (default)", "prioritized", True),
+    Variant("PER + LayerNorm, compiled, bf16", "prioritized", True, precision="bf16"),
+    Variant("PER + LayerNorm, eager (--no-compile)", "prioritized", True, compile=False),
+    Variant("uniform, no LayerNorm, compiled (apples to apples)", "uniform", False),
 )
 
 
@@ -165,10 +173,15 @@ def header(args: argparse.Namespace) -> str:
 # Our agent and buffers
 # --------------------------------------------------------------------------------------------
 
-def make_agent(layer_norm: bool) -> SACAgent:
-    """Our agent with the repository defaults (batch 256, hidden 256, grad clip 1.0)."""
-    config = SACConfig(env=ENV_ID, hidden_size=HIDDEN_SIZE, batch_size=BATCH_SIZE, layer_norm=layer_norm)
-    return SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), config, "cpu", ENV_ID)
+def make_agent(variant: Variant) -> SACAgent:
+    """Our agent with the repository defaults (batch 256, hidden 256, grad clip 1.0) and the variant's settings."""
+    torch.manual_seed(SEED)
+    config = SACConfig(env=ENV_ID, hidden_size=HIDDEN_SIZE, batch_size=BATCH_SIZE, layer_norm=variant.layer_norm,
+                       precision=variant.precision)
+    agent = SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), config, "cpu", ENV_ID)
+    if variant.compile:
+        log(f"{variant.label}: {agent.compile_update()}")
+    return agent
 
 
 def filled_buffer(kind: str, data: Transitions, n: int, rng: np.random.Generator) -> ReplayBuffer:
@@ -273,7 +286,7 @@ def sb3_steps_per_second(settings: Settings) -> float:
 
 def bench_updates(data: Transitions, settings: Settings, repeats: int, with_sb3: bool) -> str:
     """Table 1: ms per gradient update, every variant of ours (each paired with SB3) at every fill."""
-    agents = {layer_norm: make_agent(layer_norm) for layer_norm in (True, False)}
+    agents = {variant: make_agent(variant) for variant in VARIANTS}
     rng = np.random.default_rng(SEED)
     rows = []
     for fill in FILLS:
@@ -281,7 +294,7 @@ def bench_updates(data: Transitions, settings: Settings, repeats: int, with_sb3:
         buffers = {kind: filled_buffer(kind, data, fill, rng) for kind in ("prioritized", "uniform")}
         model = filled_sb3_model(data, fill) if with_sb3 else None
         for variant in VARIANTS:
-            time_our_updates(agents[variant.layer_norm], buffers[variant.buffer], settings.warmup_updates)
+            time_our_updates(agents[variant], buffers[variant.buffer], settings.warmup_updates)
         if model is not None:
             time_sb3_updates(model, settings.warmup_updates)
         ours: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
@@ -289,7 +302,7 @@ def bench_updates(data: Transitions, settings: Settings, repeats: int, with_sb3:
         for repeat in range(repeats):
             log(f"updates: fill {fill:,}, repeat {repeat + 1}/{repeats}")
             for variant in VARIANTS:
-                ours[variant].append(time_our_updates(agents[variant.layer_norm], buffers[variant.buffer],
+                ours[variant].append(time_our_updates(agents[variant], buffers[variant.buffer],
                                                       settings.timed_updates))
                 if model is not None:
                     sb3[variant].append(time_sb3_updates(model, settings.timed_updates))
@@ -302,7 +315,8 @@ def bench_updates(data: Transitions, settings: Settings, repeats: int, with_sb3:
     columns = ["stored transitions", "our configuration", "ours ms/update"]
     columns += ["SB3 ms/update", "SB3 / ours"] if with_sb3 else []
     caption = (f"## 1. Gradient update time (batch {BATCH_SIZE}, hidden {HIDDEN_SIZE}x2, buffer capacity = fill)\n\n"
-               f"Ours: `buffer.sample` + `agent.update` + `buffer.update_priorities` (gradient clipping at 1.0 on). "
+               f"Ours: `buffer.sample` + `agent.update` + `buffer.update_priorities` (gradient clipping at 1.0 on); "
+               f"compiled rows run the step through `torch.compile` (compiled before timing). "
                f"Each figure: median over {repeats} repeats of {settings.timed_updates} updates, after "
                f"{settings.warmup_updates} warm-up updates.")
     if with_sb3:
@@ -333,30 +347,37 @@ def bench_per(data: Transitions, settings: Settings, repeats: int) -> str:
     return caption + "\n\n" + markdown_table(columns, rows)
 
 
-def train_py_seconds(total_steps: int, settings: Settings, threads: int) -> float:
-    """Wall-clock seconds of one `train.py` process, run in a fresh temporary folder."""
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--total-steps", str(total_steps),
-               "--start-steps", str(settings.e2e_start_steps), "--update-after", str(settings.e2e_start_steps),
-               "--update-every", str(UPDATE_EVERY), "--eval-every", "0", "--checkpoint-every", "100000",
-               "--no-save-buffer", "--threads", str(threads), "--seed", str(SEED), "--run-name", f"bench_{total_steps}"]
+def train_py_seconds(args: list[str], threads: int, env: dict[str, str] | None = None) -> float:
+    """Wall-clock seconds of one whole `train.py` process (imports, compile, env steps, updates, final checkpoint).
+
+    Runs in a fresh temporary folder, evaluation and periodic checkpoints off.
+    """
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *args, "--eval-every", "0", "--checkpoint-every",
+               "100000", "--no-save-buffer", "--threads", str(threads), "--seed", str(SEED), "--run-name", "bench"]
     with tempfile.TemporaryDirectory(prefix="bench_sac_") as workdir:
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env={**os.environ, **(env or {})})
         elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"train.py exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
     return elapsed
 
 
+def run_flags(total_steps: int, start_steps: int) -> list[str]:
+    """train.py flags for a run of `total_steps` whose updates (50 every 50 steps) begin after `start_steps`."""
+    return ["--total-steps", str(total_steps), "--start-steps", str(start_steps), "--update-after", str(start_steps),
+            "--update-every", str(UPDATE_EVERY)]
+
+
 def our_steps_per_second(settings: Settings, threads: int) -> float:
     """Env steps per second of train.py after the random warm-up.
 
     The process is timed twice: once to `e2e_total_steps`, once stopping where updates begin.
-    The difference removes start-up, the warm-up steps, the first update round and the final
-    checkpoint, leaving the same (total - start) steps and updates that the SB3 figure covers.
+    The difference removes start-up (the compile included), the warm-up steps, the first update round
+    and the final checkpoint, leaving the same (total - start) steps and updates that the SB3 figure covers.
     """
-    full = train_py_seconds(settings.e2e_total_steps, settings, threads)
-    warmup_only = train_py_seconds(settings.e2e_start_steps, settings, threads)
+    full = train_py_seconds(run_flags(settings.e2e_total_steps, settings.e2e_start_steps), threads)
+    warmup_only = train_py_seconds(run_flags(settings.e2e_start_steps, settings.e2e_start_steps), threads)
     return (settings.e2e_total_steps - settings.e2e_start_steps) / (full - warmup_only)
 
 
@@ -384,6 +405,95 @@ def bench_end_to_end(settings: Settings, repeats: int, threads: int, with_sb3: b
                f"the per-repeat ratios (above 1: ours is faster).")
     columns = ["ours steps/s (PER + LayerNorm, defaults)"] + (["SB3 steps/s", "ours / SB3"] if with_sb3 else [])
     return caption + "\n\n" + markdown_table(columns, [row])
+
+
+def bench_whole_process(settings: Settings, repeats: int, threads: int, with_sb3: bool) -> str:
+    """Table 4: seconds of a whole short training process, ours and SB3's, as a user waits for them."""
+    flags = run_flags(settings.whole_total_steps, settings.whole_start_steps)
+    train_py_seconds(run_flags(settings.whole_start_steps, settings.whole_start_steps), threads)  # fills the compile cache
+    ours: list[float] = []
+    sb3: list[float] = []
+    for repeat in range(repeats):
+        log(f"whole process: repeat {repeat + 1}/{repeats}")
+        ours.append(train_py_seconds(flags, threads))
+        if with_sb3:
+            sb3.append(sb3_process_seconds(settings, threads))
+    row = [f"{statistics.median(ours):.1f}"]
+    if with_sb3:
+        row += [f"{statistics.median(sb3):.1f}", f"{median_ratio(sb3, ours):.2f}"]
+    caption = (f"## 4. A whole short run, as a user waits for it\n\n"
+               f"Seconds from process start to exit: `train.py {' '.join(flags)}` (compile cache warm, evaluation "
+               f"off) against a python process running SB3's `learn(total_timesteps={settings.whole_total_steps})` "
+               f"with `learning_starts={settings.whole_start_steps}`, {UPDATE_EVERY} gradient steps every "
+               f"{UPDATE_EVERY} env steps, the same network widths and batch, {threads} torch threads; alternated, "
+               f"median over {repeats} repeats. \"SB3 / ours\" is the median of the per-repeat ratios (above 1: "
+               f"ours finishes first).")
+    columns = ["ours s"] + (["SB3 s", "SB3 / ours"] if with_sb3 else [])
+    return caption + "\n\n" + markdown_table(columns, [row])
+
+
+def sb3_process_seconds(settings: Settings, threads: int) -> float:
+    """Wall-clock seconds of a fresh python process that trains SB3's SAC like `bench_whole_process` trains ours."""
+    program = (f"import torch, gymnasium as gym\n"
+               f"from stable_baselines3 import SAC\n"
+               f"torch.set_num_threads({threads})\n"
+               f"SAC('MlpPolicy', gym.make('{ENV_ID}'), policy_kwargs=dict(net_arch=[{HIDDEN_SIZE}, {HIDDEN_SIZE}]), "
+               f"batch_size={BATCH_SIZE}, learning_starts={settings.whole_start_steps}, train_freq={UPDATE_EVERY}, "
+               f"gradient_steps={UPDATE_EVERY}, device='cpu', seed={SEED}).learn({settings.whole_total_steps})\n")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", program], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def bench_start_up(settings: Settings, repeats: int, threads: int) -> str:
+    """Table 5: what compiling the step costs a process, with inductor's on-disk cache empty and filled."""
+    flags = run_flags(settings.whole_start_steps, settings.whole_start_steps)  # ends after its first update round
+    times: dict[str, list[float]] = {"eager (--no-compile)": [], "compiled, cold cache": [], "compiled, warm cache": []}
+    for repeat in range(repeats):
+        log(f"start-up: repeat {repeat + 1}/{repeats}")
+        times["eager (--no-compile)"].append(train_py_seconds([*flags, "--no-compile"], threads))
+        with tempfile.TemporaryDirectory(prefix="inductor_cache_") as cache:
+            env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+            times["compiled, cold cache"].append(train_py_seconds(flags, threads, env))
+            times["compiled, warm cache"].append(train_py_seconds(flags, threads, env))
+    eager = statistics.median(times["eager (--no-compile)"])
+    rows = [[name, f"{statistics.median(values):.1f}", f"{statistics.median(values) - eager:+.1f}"]
+            for name, values in times.items()]
+    caption = (f"## 5. Start-up: the one-time compile\n\n"
+               f"Seconds of a whole `train.py {' '.join(flags)}` process, which ends after its first update round "
+               f"({UPDATE_EVERY} gradient steps): eager, compiled with an empty inductor cache "
+               f"(`TORCHINDUCTOR_CACHE_DIR` a new folder), and compiled again with that cache filled; median over "
+               f"{repeats} repeats, {threads} torch threads.")
+    return caption + "\n\n" + markdown_table(["gradient step", "process s", "vs eager"], rows)
+
+
+def bench_acting(repeats: int, with_sb3: bool) -> str:
+    """Table 6: microseconds to choose one action at batch 1 (once per env step)."""
+    agent = make_agent(VARIANTS[2])  # acting never runs the compiled step
+    obs = np.random.default_rng(SEED).standard_normal(OBS_DIM).astype(np.float32)
+    calls = {"ours `select_action` (sampled)": lambda: agent.select_action(obs),
+             "ours `select_action(evaluate=True)`": lambda: agent.select_action(obs, evaluate=True)}
+    if with_sb3:
+        model = make_sb3_sac(buffer_size=1_000, learning_starts=0, train_freq=1, gradient_steps=1)
+        calls["SB3 `predict` (sampled)"] = lambda: model.predict(obs, deterministic=False)
+        calls["SB3 `predict(deterministic=True)`"] = lambda: model.predict(obs, deterministic=True)
+    rows = [[name, f"{1e6 * median_seconds_per_call(call, repeats):.0f}"] for name, call in calls.items()]
+    caption = (f"## 6. Acting at batch 1\n\nMicroseconds per call on one LunarLander-shaped observation, "
+               f"median over {repeats} repeats of 2,000 calls.")
+    return caption + "\n\n" + markdown_table(["call", "us per call"], rows)
+
+
+def median_seconds_per_call(call: Any, repeats: int, calls: int = 2_000) -> float:
+    """Median over repeats of the mean seconds per call, after 200 untimed calls."""
+    for _ in range(200):
+        call()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        timings.append((time.perf_counter() - start) / calls)
+    return statistics.median(timings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     publish(sections, bench_per(data, settings, args.repeats))
     if not args.skip_e2e:
         publish(sections, bench_end_to_end(settings, args.repeats, args.threads, with_sb3))
+        publish(sections, bench_whole_process(settings, args.repeats, args.threads, with_sb3))
+        publish(sections, bench_start_up(settings, args.repeats, args.threads))
+    publish(sections, bench_acting(args.repeats, with_sb3))
     if args.output is not None:
         args.output.write_text("\n\n".join(sections) + "\n")
         log(f"wrote {args.output}")
