@@ -91,7 +91,8 @@ class SACConfig:
     lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
     lr_gamma: float = _option(0.95, "StepLR decay factor; 1 disables the schedule")
     per_alpha: float = _option(0.6, "prioritization exponent: sampling probability ~ priority^alpha")
-    per_beta_start: float = _option(0.4, "initial importance-sampling exponent, annealed to 1 over episodes x max steps")
+    per_beta_start: float = _option(0.4, "initial importance-sampling exponent, annealed linearly to 1 over the "
+                                        "run's step budget (--total-steps, else episodes x max steps)")
     eval_every: int = _option(20, "deterministic evaluation every this many episodes; 0 disables")
     eval_episodes: int = _option(5, "episodes per evaluation")
     checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
@@ -509,9 +510,19 @@ def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.
                                    seed=config.seed)
 
 
+def step_budget(config: SACConfig) -> int:
+    """The most env steps a run can take: --total-steps if given and smaller, else episodes x max_steps."""
+    episodes_limit = config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)
+    return min(config.total_steps or episodes_limit, episodes_limit)
+
+
 def per_beta(config: SACConfig, step: int) -> float:
-    """Importance-sampling exponent: linear from per_beta_start to 1 over episodes x max_steps env steps."""
-    progress = min(1.0, step / (config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)))
+    """Importance-sampling exponent: linear from per_beta_start to 1 over the run's step budget.
+
+    The run's own budget, so that a run capped by --total-steps still ends with the full correction
+    (beta 1); over episodes x max_steps, a 50k-step LunarLander run would end at beta 0.43.
+    """
+    progress = min(1.0, step / step_budget(config))
     return config.per_beta_start + progress * (1.0 - config.per_beta_start)
 
 

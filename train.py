@@ -23,7 +23,7 @@ from sac_model import (
     CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
     add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
     find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
-    resolve_device, restore_rng_state, seed_everything,
+    resolve_device, restore_rng_state, seed_everything, step_budget,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
@@ -187,15 +187,15 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     writer = SummaryWriter(RUNS_DIR / config.run_name, purge_step=progress.global_step + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("config", "\n".join(f"{k}: {v}  " for k, v in dataclasses.asdict(config).items()))
-    step_budget = min(config.total_steps or np.inf, config.episodes * config.max_steps)
-    bar = tqdm(total=int(step_budget), initial=progress.global_step, unit="step", dynamic_ncols=True,
+    budget = step_budget(config)
+    bar = tqdm(total=budget, initial=progress.global_step, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     recent_returns: deque[float] = deque(maxlen=10)
     stop = StopSignal()
     session_start, session_start_step = time.perf_counter(), progress.global_step
     episode_finished = True
     try:
-        while progress.episode < config.episodes and progress.global_step < step_budget and stop.signum is None:
+        while progress.episode < config.episodes and progress.global_step < budget and stop.signum is None:
             obs, _ = env.reset(seed=first_reset_seed)
             first_reset_seed = None
             episode_return, episode_length = 0.0, 0
@@ -216,7 +216,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
                 if step >= config.update_after and step % config.update_every == 0:
                     update_round(agent, buffer, writer, config, progress)
                 episode_finished = terminated or truncated
-                if episode_finished or step >= step_budget or stop.signum is not None:
+                if episode_finished or step >= budget or stop.signum is not None:
                     break
             if episode_finished:
                 progress.episode += 1

@@ -966,6 +966,15 @@ def test_per_beta_anneals_linearly_to_one_and_stays():
     assert per_beta(SACConfig(episodes=2, max_steps=50, per_beta_start=1.0), 30) == pytest.approx(1.0)
 
 
+def test_per_beta_anneals_over_the_total_steps_cap_when_given():
+    # A 50k-step LunarLander run: on the old clock (episodes x max_steps = 1M) beta would be 0.43 at the end.
+    config = SACConfig(episodes=1000, max_steps=1000, total_steps=50_000, per_beta_start=0.4)
+    assert per_beta(config, 25_000) == pytest.approx(0.7, abs=1e-12)
+    assert per_beta(config, 50_000) == pytest.approx(1.0, abs=1e-12)
+    # A cap beyond episodes x max_steps never binds: the episodes are the budget.
+    assert per_beta(dataclasses.replace(config, total_steps=10**7), 500_000) == pytest.approx(0.7, abs=1e-12)
+
+
 # ============================================================================================
 # 15. Checkpoint files
 # ============================================================================================
