@@ -95,6 +95,11 @@ class SACConfig:
                                         "run's step budget (--total-steps, else episodes x max steps)")
     eval_every: int = _option(20, "deterministic evaluation every this many episodes; 0 disables")
     eval_episodes: int = _option(5, "episodes per evaluation")
+    target_return: str = _option("auto", "stop when solved: when an evaluation's mean reaches this return, a "
+                                         "--target-episodes evaluation decides, and at or above it the run ends; "
+                                         "'auto': the env's registered reward threshold (200 for LunarLander, none "
+                                         "for Pendulum), 'none': never stop early")
+    target_episodes: int = _option(100, "episodes of the evaluation that decides whether --target-return is reached")
     checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
     keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is always kept")
     save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
@@ -105,7 +110,7 @@ class SACConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
         positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every",
-                    "lr_step_episodes", "eval_episodes", "checkpoint_every", "keep_checkpoints")
+                    "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -129,12 +134,32 @@ class SACConfig:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if not 0 <= self.per_beta_start <= 1:
             raise ConfigError(f"--per-beta-start must be in [0, 1], got {self.per_beta_start}")
+        if self.target_return not in ("auto", "none") and not _is_finite_number(self.target_return):
+            raise ConfigError(f"--target-return must be a number, auto or none, got {self.target_return!r}")
         if self.buffer not in ("prioritized", "uniform"):
             raise ConfigError(f"--buffer must be 'prioritized' or 'uniform', got {self.buffer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
             raise ConfigError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def target_return(config: SACConfig) -> float | None:
+    """The return that ends a run as solved: the number given, the env's reward_threshold for 'auto'
+    (None if it registers none), None for 'none'."""
+    if config.target_return == "none":
+        return None
+    if config.target_return == "auto":
+        threshold = gym.spec(config.env).reward_threshold
+        return None if threshold is None else float(threshold)
+    return float(config.target_return)
 
 
 def _flag(name: str) -> str:

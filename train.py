@@ -23,14 +23,17 @@ from sac_model import (
     CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
     add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
     find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
-    resolve_device, restore_rng_state, seed_everything, step_budget,
+    resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
-RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "checkpoint_every",
-                      "keep_checkpoints", "save_buffer", "device", "threads"}
-EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes use seeds no training episode starts from
+RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
+                      "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads"}
+# Training resets from --seed once; evaluations and target checks use seeds of their own, disjoint from it
+# and from each other (as long as --eval-episodes stays below 1M).
+EVAL_SEED_OFFSET = 1_000_000
+TARGET_SEED_OFFSET = 2_000_000
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
@@ -46,6 +49,7 @@ class Progress:
     episode: int = 0
     updates: int = 0
     eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
+    target_checks: list = field(default_factory=list)  # [env step, mean return, std] per --target-episodes evaluation
 
 
 class StopSignal:
@@ -158,7 +162,7 @@ def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer
         buffer.load_state_dict(training["buffer"])
     env.reset(seed=agent.config.seed)  # creates the env's generators, then they are overwritten
     restore_rng_state(training["rng"], env)
-    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress)})
+    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress) if f.name in training})
     exact = training["buffer"] is not None and training["episode_finished"]
     print(f"resuming {agent.config.run_name} from {path} at env step {progress.global_step}, episode "
           f"{progress.episode}" + ("" if exact else " (approximately: mid-episode or without replay buffer)"))
@@ -195,7 +199,8 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     session_start, session_start_step = time.perf_counter(), progress.global_step
     episode_finished = True
     try:
-        while progress.episode < config.episodes and progress.global_step < budget and stop.signum is None:
+        while (progress.episode < config.episodes and progress.global_step < budget and stop.signum is None
+               and not solved(progress, config)):
             obs, _ = env.reset(seed=first_reset_seed)
             first_reset_seed = None
             episode_return, episode_length = 0.0, 0
@@ -233,6 +238,8 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
             return 128 + stop.signum
         if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
             evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
+        if target_return(config) is not None and not solved(progress, config):
+            check_target(agent, eval_env, writer, config, progress)  # its --target-episodes mean, for the record
         path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
@@ -252,10 +259,28 @@ def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: S
     writer.add_scalar("eval/return_std", np.std(returns), step)
 
 
+def solved(progress: Progress, config: SACConfig) -> bool:
+    """Whether the latest target check reached --target-return (never without a target)."""
+    target = target_return(config)
+    return target is not None and bool(progress.target_checks) and progress.target_checks[-1][1] >= target
+
+
+def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
+    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes."""
+    returns = evaluate_policy(agent, eval_env, config.target_episodes, config.seed + TARGET_SEED_OFFSET)
+    step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
+    progress.target_checks.append([step, mean, std])
+    writer.add_scalar("eval/target_check_mean", mean, step)
+    writer.add_scalar("eval/target_check_std", std, step)
+    verdict = "solved" if solved(progress, config) else "not solved"
+    tqdm.write(f"env step {step}: {config.target_episodes}-episode evaluation {mean:.1f} +/- {std:.1f}, "
+               f"{verdict} (target {target_return(config):g})")
+
+
 def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
                    progress: Progress, episode_return: float, episode_length: int, recent_returns: deque,
                    bar: tqdm, session_start: float, session_start_step: int) -> None:
-    """Episode bookkeeping: logs, LR schedule, evaluation, periodic checkpoint."""
+    """Episode bookkeeping: logs, LR schedule, evaluation (and target check), periodic checkpoint."""
     step = progress.global_step
     recent_returns.append(episode_return)
     steps_per_second = (step - session_start_step) / max(time.perf_counter() - session_start, 1e-9)
@@ -267,6 +292,9 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
     postfix = {"ep": progress.episode, "return(10)": f"{np.mean(recent_returns):.1f}"}
     if config.eval_every and progress.episode % config.eval_every == 0:
         evaluate_and_log(agent, eval_env, writer, config, progress)
+        target = target_return(config)
+        if target is not None and progress.eval_history[-1][1] >= target:
+            check_target(agent, eval_env, writer, config, progress)
     if progress.eval_history:
         postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
     bar.set_postfix(postfix, refresh=False)

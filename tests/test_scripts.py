@@ -308,3 +308,32 @@ def test_the_final_agent_is_always_evaluated(tmp_path: Path) -> None:
     assert [entry[0] for entry in training["eval_history"]] == [300]  # stopped mid-episode, before any periodic eval
     assert not training["episode_finished"]
     assert [e.step for e in scalar_tags(tmp_path / "runs" / "short").Scalars("eval/return_mean")] == [300]
+
+
+def test_a_run_that_reaches_its_target_return_stops_early_with_a_final_agent(tmp_path: Path) -> None:
+    # Every Pendulum return is above -10,000: the first evaluation (after episode 2) triggers the check, which passes.
+    result = run_script("train.py", tmp_path, *SMALL, "--episodes", "20", "--eval-every", "2", "--eval-episodes", "1",
+                        "--target-return", "-10000", "--target-episodes", "3", "--run-name", "solved")
+    assert result.returncode == 0, result.stderr
+    assert "3-episode evaluation" in result.stdout and "solved (target -10000)" in result.stdout
+    training = read_checkpoint(tmp_path / "checkpoints" / "solved" / "final.pt")["training"]
+    assert training["global_step"] == 400 and training["episode"] == 2
+    assert [check[0] for check in training["target_checks"]] == [400]
+    checks = scalar_tags(tmp_path / "runs" / "solved").Scalars("eval/target_check_mean")
+    assert [e.step for e in checks] == [400] and checks[0].value == pytest.approx(training["target_checks"][0][1])
+
+
+def test_a_run_below_its_target_trains_on_and_checks_its_final_agent(tmp_path: Path) -> None:
+    # No Pendulum return reaches 0, so no periodic evaluation triggers a check: only the final agent gets one.
+    result = run_script("train.py", tmp_path, *SMALL, "--episodes", "3", "--eval-every", "1", "--eval-episodes", "1",
+                        "--target-return", "0", "--target-episodes", "2", "--run-name", "unsolved")
+    assert result.returncode == 0, result.stderr
+    assert "not solved (target 0)" in result.stdout
+    training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
+    assert training["global_step"] == 600 and [check[0] for check in training["target_checks"]] == [600]
+    assert [e.step for e in scalar_tags(tmp_path / "runs" / "unsolved").Scalars("eval/target_check_mean")] == [600]
+    # The target may change on resume; without one, the final agent gets no check.
+    resumed = run_script("train.py", tmp_path, "--resume", "unsolved", "--episodes", "4", "--target-return", "none")
+    assert resumed.returncode == 0, resumed.stderr
+    training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
+    assert training["episode"] == 4 and [check[0] for check in training["target_checks"]] == [600]
