@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from sac_model import (
-    CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
+    CHECKPOINTS_DIR, PRESETS, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
     add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
     find_checkpoint, flat_dim, keep_freed_memory_mapped, make_buffer, make_env, per_beta, prune_checkpoints, read_checkpoint,
     resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
@@ -64,9 +64,13 @@ class StopSignal:
         self.signum = signum
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, whose defaults are SACConfig's or, with a preset's name, the preset's."""
     parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
-    add_config_flags(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start from a named set of defaults; flags given still win. 'original': the "
+                             "configuration the repository started from (the SPEC's table), without --target-return")
+    add_config_flags(parser, SACConfig(**PRESETS[preset]) if preset else None)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
     return parser
@@ -77,7 +81,14 @@ def flags_given(argv: list[str]) -> set[str]:
     unset = object()
     probe = build_parser()
     probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)})
-    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset} - {"resume"}
+    given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+    return given - {"resume", "preset"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """train.py's flags; a --preset replaces the defaults the flags not given fall back on."""
+    preset = build_parser().parse_known_args(argv)[0].preset
+    return build_parser(preset).parse_args(argv)
 
 
 def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
@@ -139,6 +150,8 @@ def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SA
 def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
     """The validated config of a new run, or of the resumed one with its checkpoint."""
     checkpoint, checkpoint_path = None, None
+    if args.resume and args.preset:
+        raise SACError("--preset cannot be combined with --resume: a resumed run keeps its checkpoint's config")
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
         checkpoint = read_checkpoint(checkpoint_path)
@@ -306,7 +319,7 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory_mapped()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return train(args, flags_given(argv))
     except TrainingDivergedError as error:

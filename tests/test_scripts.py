@@ -15,7 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sac_model import SACAgent, read_checkpoint
+from sac_model import PRESETS, SACAgent, config_from_args, read_checkpoint
+from train import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -232,6 +233,8 @@ def test_non_finite_training_stops_with_a_message_and_keeps_the_last_checkpoint(
     (["--env", "LunarLanderContinuous-v2"], "cannot create environment 'LunarLanderContinuous-v2'"),
     (["--env", "CartPole-v1"], "Discrete action space"),
     (["--resume", "no_such_run"], "no such checkpoint file, folder or run name"),
+    (["--resume", "no_such_run", "--preset", "original"], "--preset cannot be combined with --resume"),
+    (["--preset", "newest"], "invalid choice"),
 ])
 def test_invalid_train_flags_give_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
     assert_one_line_error(run_script("train.py", tmp_path, *flags), message)
@@ -337,3 +340,22 @@ def test_a_run_below_its_target_trains_on_and_checks_its_final_agent(tmp_path: P
     assert resumed.returncode == 0, resumed.stderr
     training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
     assert training["episode"] == 4 and [check[0] for check in training["target_checks"]] == [600]
+
+
+# The SPEC's table of the original defaults, written out here rather than read from the code.
+SPEC_ORIGINAL = {
+    "env": "LunarLanderContinuous-v3", "hidden_size": 256, "layer_norm": True, "buffer_size": 1_000_000,
+    "batch_size": 256, "gamma": 0.99, "tau": 0.005, "lr_actor": 3e-4, "lr_critic": 3e-4, "lr_alpha": 3e-4,
+    "init_alpha": 0.2, "episodes": 1000, "max_steps": None, "start_steps": 10_000, "update_after": 1000,
+    "update_every": 50, "grad_clip": 1.0, "lr_step_episodes": 100, "lr_gamma": 0.95, "per_alpha": 0.6,
+    "per_beta_start": 0.4, "buffer": "prioritized", "checkpoint_every": 50, "seed": 0,
+}
+
+
+def test_preset_original_gives_exactly_the_spec_values_and_given_flags_win() -> None:
+    config = config_from_args(parse_args(["--preset", "original"]))
+    assert {name: getattr(config, name) for name in SPEC_ORIGINAL} == SPEC_ORIGINAL
+    assert config.target_return == "none"  # the original trained its full budget
+    assert set(SPEC_ORIGINAL) - {"seed"} <= set(PRESETS["original"])  # pinned, not borrowed from today's defaults
+    tweaked = config_from_args(parse_args(["--preset", "original", "--batch-size", "64", "--target-return", "auto"]))
+    assert (tweaked.batch_size, tweaked.target_return, tweaked.tau) == (64, "auto", 0.005)
