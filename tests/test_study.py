@@ -2,6 +2,7 @@
 logs, and one tiny ablation study run end to end through ablate.py on a local Ray."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -14,8 +15,8 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from study import (
-    aggregate, bootstrap_ci, interquartile_mean, load_eval_curve, load_study, markdown_table, plot_curves,
-    steps_to_threshold,
+    Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, interquartile_mean, load_eval_curve,
+    load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold, trial_progress,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,13 +79,13 @@ def test_steps_to_threshold_is_the_first_evaluation_at_or_above_it() -> None:
     assert steps_to_threshold([], []) is None
 
 
-def write_eval_log(run_dir: Path, returns: list[float], steps: list[int] = EVAL_STEPS, purge_step: int | None = None
-                   ) -> None:
-    """A TensorBoard log as train.py writes it: eval/return_mean plus another tag."""
+def write_eval_log(run_dir: Path, returns: list[float], steps: list[int] = EVAL_STEPS, purge_step: int | None = None,
+                   tag: str = "eval/return_mean") -> None:
+    """A TensorBoard log as train.py writes it: the evaluation tag plus another one."""
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     for step, value in zip(steps, returns):
         writer.add_scalar("charts/episode_return", value - 1, step)
-        writer.add_scalar("eval/return_mean", value, step)
+        writer.add_scalar(tag, value, step)
     writer.close()
 
 
@@ -140,6 +141,61 @@ def test_aggregate_synthetic_study_gives_hand_computed_table(synthetic_study: Pa
     assert " 210.5 [" in table[3]
 
 
+def test_confirmation_table_times_the_first_passing_check_and_keeps_the_final_agents(tmp_path: Path) -> None:
+    # Seed 0 passes its second check, seed 1 its first; seed 2 never passes (its one check is its final agent's).
+    checks = {0: ([1000, 3000], [150.0, 210.0]), 1: ([2000], [205.0]), 2: ([5000], [120.0])}
+    for seed, (steps, returns) in checks.items():
+        write_eval_log(tmp_path / "runs" / f"full__seed{seed}", returns, steps, tag="eval/target_check_mean")
+        (tmp_path / "checkpoints" / f"full__seed{seed}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"full__seed{seed}" / "final.pt").touch()
+    table = confirmation_table(load_study(tmp_path, tag="eval/target_check_mean"), threshold=200).splitlines()
+    cells = [cell.strip() for cell in table[2].strip("|").split("|")]
+    assert cells[:5] == ["full", "3", "2/3", "3,000 / 2,000 / not reached", "3,000"]  # median of 2000, 3000, inf
+    assert cells[5].startswith("not reached [2,000, ")  # the IQM of 3 seeds is their mean: infinite
+    assert cells[6:8] == ["210.0 / 205.0 / 120.0", "205.0"]
+    assert cells[8].startswith("178.3 [")  # (210 + 205 + 120) / 3
+
+
+def test_area_under_curve_averages_the_curve_at_equally_spaced_steps() -> None:
+    run = Curve(0, np.array([10, 50]), np.array([0.0, 100.0]))
+    # Budget 100, 20 points: 5 (before any evaluation, left out), 10..45 at 0 (8 points), 50..100 at 100 (11).
+    assert area_under_curve(run, budget=100) == pytest.approx(1100 / 19)
+    assert area_under_curve(run, budget=100, until=50) == pytest.approx(100 / 9)
+    assert math.isnan(area_under_curve(run, budget=100, until=9))
+    # Dense early evaluations weigh no more than sparse late ones.
+    dense = Curve(0, np.array([10, 11, 12, 13, 50]), np.array([0.0, 0.0, 0.0, 0.0, 100.0]))
+    assert area_under_curve(dense, budget=100) == area_under_curve(run, budget=100)
+
+
+def test_trial_progress_is_where_every_seed_has_got() -> None:
+    runs = [Curve(100, np.array([10, 50]), np.array([0.0, 100.0])), Curve(101, np.array([20]), np.array([50.0]))]
+    step, objective, latest = trial_progress(runs, budget=100)
+    assert step == 20  # seed 101 has only been evaluated at 20
+    # Up to 20: seed 100's points 10, 15, 20 are 0; seed 101's point 20 is 50.
+    assert (objective, latest) == (pytest.approx(25.0), 25.0)
+    assert trial_progress([runs[0], Curve(101, np.zeros(0, dtype=np.int64), np.zeros(0))], budget=100)[0] == 0
+
+
+def test_search_results_put_complete_trials_first_by_objective(tmp_path: Path) -> None:
+    # trial a: complete, flat 50; trial b: complete, flat 80; trial c: stopped early at 100 with 500 (not comparable).
+    trials = {"a": ([50, 50], True), "b": ([80, 80], True), "c": ([500], False)}
+    for name, (returns, complete) in trials.items():
+        (tmp_path / "trials").mkdir(exist_ok=True)
+        (tmp_path / "trials" / f"{name}.json").write_text(f'{{"lr_actor": 0.000123456, "batch_size": {len(name)}}}')
+        for seed in (100, 101):
+            write_eval_log(tmp_path / "runs" / f"{name}__seed{seed}", returns, [100, 200][:len(returns)])
+            if complete:
+                (tmp_path / "checkpoints" / f"{name}__seed{seed}").mkdir(parents=True)
+                (tmp_path / "checkpoints" / f"{name}__seed{seed}" / "final.pt").touch()
+    results = load_search(tmp_path, budget=200, seeds=(100, 101))
+    assert [(t.name, t.complete, t.steps) for t in results] == [("b", True, 200), ("a", True, 200), ("c", False, 100)]
+    assert results[0].objective == pytest.approx(80.0) and results[2].objective == pytest.approx(500.0)
+    table = search_table(results).splitlines()
+    assert table[0] == "| rank | trial | objective | return at the end | env steps | status | lr_actor | batch_size |"
+    assert table[2] == "| 1 | b | 80.0 | 80.0 | 200 | complete | 0.000123 | 1 |"
+    assert table[4].startswith("| 3 | c | 500.0 | 500.0 | 100 | stopped |")
+
+
 def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None:
     path = plot_curves(load_study(synthetic_study), tmp_path / "plots" / "curves.png", threshold=200)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -192,3 +248,12 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "4 finished, 0 to resume, 0 to start" in second.stdout
     assert "started" not in second.stdout  # Ray launched nothing
     assert time.monotonic() - start < 60
+
+
+def test_ablate_never_uses_the_search_seeds(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
+    assert not set(SEARCH_SEEDS) & set(CONFIRMATION_SEEDS)
+    result = run_ablate(tmp_path, "--seeds", str(min(SEARCH_SEEDS) + 1), "--aggregate-only", timeout=120)
+    assert result.returncode == 2 and "would reuse the search's seeds" in result.stderr, result.stderr
+
