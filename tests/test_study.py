@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from sac_model import SACConfig
+
 from study import (
     Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, interquartile_mean, load_eval_curve,
     load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold, trial_progress,
@@ -250,6 +252,24 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert time.monotonic() - start < 60
 
 
+def run_search(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "search.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--trials", "0"], "--trials must be positive"),
+    (["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
+    (["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
+])
+def test_search_refuses_invalid_flags_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
+    result = run_search(tmp_path, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "studies").exists()
+
+
 def test_ablate_never_uses_the_search_seeds(tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
     from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
@@ -257,3 +277,32 @@ def test_ablate_never_uses_the_search_seeds(tmp_path: Path) -> None:
     result = run_ablate(tmp_path, "--seeds", str(min(SEARCH_SEEDS) + 1), "--aggregate-only", timeout=120)
     assert result.returncode == 2 and "would reuse the search's seeds" in result.stderr, result.stderr
 
+
+def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
+    from search import SEARCH_SPACE
+    args = ["--name", "tiny", "--budget", "600", "--trials", "3", "--max-concurrent", "1", "--eval-every", "1",
+            "--eval-episodes", "1", "--poll-seconds", "0.5", "--train-args", "--env Pendulum-v1 --update-after 500"]
+    first = run_search(tmp_path, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    study = tmp_path / "studies" / "tiny"
+    trials = sorted(path.stem for path in (study / "trials").glob("*.json"))
+    assert len(trials) == 3
+    # Every trial trained on the search seeds only.
+    assert {run.name.rpartition("__seed")[2] for run in (study / "runs").iterdir()} == {"100", "101"}
+    # One trial is the defaults (the baseline, proposed first) and ran the whole budget: ASHA never stops the first.
+    baseline = [name for name in trials if json.loads((study / "trials" / f"{name}.json").read_text()) == {
+        key: getattr(SACConfig(), key) for key in SEARCH_SPACE}]
+    assert len(baseline) == 1
+    assert (study / "checkpoints" / f"{baseline[0]}__seed100" / "final.pt").is_file()
+    # Tune got the evaluations as they came (one per 200-step episode), not only at the end.
+    reports = [json.loads(line) for line in next((study / "ray" / "tune").glob(f"*{baseline[0]}*/result.json")).open()]
+    assert [r["step"] for r in reports][-1] == 600 and len(reports) >= 2
+    table = (study / "results.md").read_text()
+    assert table.count("| complete |") + table.count("| stopped |") == 3
+    assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
+
+    second = run_search(tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming the search" in second.stdout and " started " not in second.stdout
+    assert sorted(path.stem for path in (study / "trials").glob("*.json")) == trials
