@@ -23,7 +23,8 @@ from pathlib import Path
 
 from sac_model import OneLineErrorParser
 from study import (
-    TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table, load_study, markdown_table, plot_curves, run_name,
+    CONFIRMATION_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table, load_study, markdown_table,
+    plot_curves, run_name,
 )
 from study_runner import (
     CONFIRMATION_SEEDS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args,
@@ -166,21 +167,23 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     curves = load_study(study_dir)
     order = {config: i for i, config in enumerate(CONFIGS)}
     curves = {config: curves[config] for config in sorted(curves, key=lambda c: (order.get(c, len(order)), c))}
-    table = markdown_table(aggregate(curves, points, args.threshold))
+    table, notes = markdown_table(aggregate(curves, points, args.threshold)), TABLE_NOTES
     if settings["target_return"] != "none":
         table += "\n\n" + confirmation_table(load_study(study_dir, tag=TARGET_CHECK_TAG), args.threshold)
-    (study_dir / "results.md").write_text(results_markdown(args.name, settings, table, unfinished_runs(study_dir)))
+        notes += "\n\n" + CONFIRMATION_NOTES
+    (study_dir / "results.md").write_text(
+        results_markdown(args.name, settings, table, notes, unfinished_runs(study_dir)))
     plot_curves(curves, study_dir / "curves.png", threshold=args.threshold)
     return table
 
 
-def results_markdown(name: str, settings: dict, table: str, unfinished: dict[str, str]) -> str:
-    """results.md: what was run, the table, how to read it, the trials left out, the plot."""
+def results_markdown(name: str, settings: dict, table: str, notes: str, unfinished: dict[str, str]) -> str:
+    """results.md: what was run, the table(s), how to read them, the trials left out, the plot."""
     train_args = shlex.join(settings["train_args"]) or "(none)"
     lines = [f"# Study `{name}`", "",
              f"Each trial: {settings['budget']:,} env steps of train.py; every {settings['eval_every']} training "
              f"episodes a deterministic evaluation over {settings['eval_episodes']} episodes; --target-return "
-             f"{settings['target_return']}. Extra train.py flags: `{train_args}`.", "", table, "", TABLE_NOTES, ""]
+             f"{settings['target_return']}. Extra train.py flags: `{train_args}`.", "", table, "", notes, ""]
     if unfinished:
         lines += ["Unfinished trials, left out of the table (last line of their log):", "",
                   *(f"- `{run}`: {line}" for run, line in unfinished.items()), ""]

@@ -40,6 +40,13 @@ of the deterministic evaluation return (`eval/return_mean`), each seed contribut
 evaluation at or before that env step ("-": a seed had not been evaluated yet). Steps to threshold:
 IQM over seeds of the first evaluation step whose return reached the threshold, a seed that never
 reached it counting as infinite ("not reached" when the IQM is infinite). Only finished runs count."""
+CONFIRMATION_NOTES = """\
+Confirmation table: from each run's target checks, the deterministic evaluations over
+`--target-episodes` (100) episodes that train.py runs when a periodic evaluation reaches the target
+return, and once more on a final agent that did not reach it. Env steps to reach the threshold: the
+first check at or above it, a seed that never got there counting as infinite; the final agent's
+return: the last check (a run that passes one stops there). Median and IQM [95% percentile-bootstrap
+CI, without interpolation] over seeds."""
 
 
 class Curve(NamedTuple):

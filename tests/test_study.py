@@ -203,33 +203,46 @@ def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run_ablate(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "ablate.py"), *args], cwd=cwd, capture_output=True, text=True,
+def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ablate.py or search.py as a user would; skips the test without Ray (and Optuna for the search)."""
+    pytest.importorskip("optuna" if script == "search.py" else "ray",
+                        reason=f"{script} needs Ray and Optuna: pip install -r requirements-study.txt")
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--budget", "0"], "--budget must be positive"),
-    (["--configs", "full,no_such"], "unknown configuration 'no_such'"),
-    (["--train-args", "--seed 3"], "--train-args may not set --seed"),
-    (["--train-args", "--batch-size 64 --buffer-size 32"], "--batch-size 64 is larger than --buffer-size 32"),
+@pytest.mark.parametrize("script, args, fragment", [
+    ("ablate.py", ["--budget", "0"], "--budget must be positive"),
+    ("ablate.py", ["--configs", "full,no_such"], "unknown configuration 'no_such'"),
+    ("ablate.py", ["--train-args", "--seed 3"], "--train-args may not set --seed"),
+    ("ablate.py", ["--train-args", "--batch-size 64 --buffer-size 32"],
+     "--batch-size 64 is larger than --buffer-size 32"),
+    ("ablate.py", ["--seeds", "101"], "would reuse the search's seeds"),
+    ("search.py", ["--trials", "0"], "--trials must be positive"),
+    ("search.py", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
+    ("search.py", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
 ])
-def test_ablate_refuses_invalid_flags_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
-    result = run_ablate(tmp_path, *args, timeout=120)
+def test_study_scripts_refuse_invalid_flags_in_one_line(tmp_path: Path, script: str, args: list[str],
+                                                        fragment: str) -> None:
+    result = run_study(script, tmp_path, *args, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "studies").exists()
 
 
+def test_search_and_confirmation_seeds_never_meet() -> None:
+    pytest.importorskip("ray", reason="study_runner.py needs Ray: pip install -r requirements-study.txt")
+    from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
+    assert not set(SEARCH_SEEDS) & set(CONFIRMATION_SEEDS)
+
+
 def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
     args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,no_per", "--max-concurrent", "1",
             "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
                             "--start-steps 100 --update-after 100"]
     runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
-    first = run_ablate(tmp_path, *args)
+    first = run_study("ablate.py", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
     for run in runs:
@@ -243,7 +256,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert (study / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     start = time.monotonic()
-    second = run_ablate(tmp_path, *args)
+    second = run_study("ablate.py", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     for run in runs:
         assert f"skipped  {run}: finished" in second.stdout
@@ -252,38 +265,12 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert time.monotonic() - start < 60
 
 
-def run_search(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "search.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["--trials", "0"], "--trials must be positive"),
-    (["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
-    (["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
-])
-def test_search_refuses_invalid_flags_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
-    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
-    result = run_search(tmp_path, *args, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
-    assert not (tmp_path / "studies").exists()
-
-
-def test_ablate_never_uses_the_search_seeds(tmp_path: Path) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
-    from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
-    assert not set(SEARCH_SEEDS) & set(CONFIRMATION_SEEDS)
-    result = run_ablate(tmp_path, "--seeds", str(min(SEARCH_SEEDS) + 1), "--aggregate-only", timeout=120)
-    assert result.returncode == 2 and "would reuse the search's seeds" in result.stderr, result.stderr
-
-
 def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path: Path) -> None:
     pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
     from search import SEARCH_SPACE
     args = ["--name", "tiny", "--budget", "600", "--trials", "3", "--max-concurrent", "1", "--eval-every", "1",
             "--eval-episodes", "1", "--poll-seconds", "0.5", "--train-args", "--env Pendulum-v1 --update-after 500"]
-    first = run_search(tmp_path, *args)
+    first = run_study("search.py", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
     trials = sorted(path.stem for path in (study / "trials").glob("*.json"))
@@ -302,7 +289,7 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     assert table.count("| complete |") + table.count("| stopped |") == 3
     assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
 
-    second = run_search(tmp_path, *args)
+    second = run_study("search.py", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming the search" in second.stdout and " started " not in second.stdout
     assert sorted(path.stem for path in (study / "trials").glob("*.json")) == trials
