@@ -172,7 +172,8 @@ def target_return(config: SACConfig) -> float | None:
     if config.target_return == "none":
         return None
     if config.target_return == "auto":
-        threshold = gym.spec(config.env).reward_threshold
+        # A "module:Env-v0" id is registered as "Env-v0" once gym.make has imported the module.
+        threshold = gym.spec(config.env.rpartition(":")[2]).reward_threshold
         return None if threshold is None else float(threshold)
     return float(config.target_return)
 
@@ -559,12 +560,16 @@ def step_budget(config: SACConfig) -> int:
 
 
 def per_beta(config: SACConfig, step: int) -> float:
-    """Importance-sampling exponent: linear from per_beta_start to 1 over the run's step budget.
+    """Importance-sampling exponent: linear from per_beta_start to 1 over the run's budget, --total-steps
+    when given, else episodes x max_steps.
 
     The run's own budget, so that a run capped by --total-steps still ends with the full correction
-    (beta 1); over episodes x max_steps, a 50k-step LunarLander run would end at beta 0.43.
+    (beta 1); over episodes x max_steps, a 50k-step LunarLander run would end at beta 0.43. Not the
+    smaller of the two: --episodes may then change on resume (to continue a run up to its
+    --total-steps) without changing what the run learns.
     """
-    progress = min(1.0, step / step_budget(config))
+    horizon = config.total_steps or config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)
+    progress = min(1.0, step / horizon)
     return config.per_beta_start + progress * (1.0 - config.per_beta_start)
 
 

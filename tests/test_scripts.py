@@ -142,9 +142,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> 
     # torch's generators are drawn from on each side of the split at step 400.
     common = [*SMALL, "--episodes", "10", "--eval-every", "1", "--eval-episodes", "1", "--lr-step-episodes", "1",
               "--start-steps", "600"]
+    # The split run has the same --total-steps (PER's beta anneals over it) and stops after 2 episodes.
     whole = run_script("train.py", tmp_path, *common, "--total-steps", "800", "--run-name", "whole")
-    half = run_script("train.py", tmp_path, *common, "--total-steps", "400", "--run-name", "split")
-    resumed = run_script("train.py", tmp_path, "--resume", "split", "--total-steps", "800")
+    half = run_script("train.py", tmp_path, *common, "--total-steps", "800", "--episodes", "2", "--run-name", "split")
+    resumed = run_script("train.py", tmp_path, "--resume", "split", "--episodes", "10")
     for result in (whole, half, resumed):
         assert result.returncode == 0, result.stderr
     assert "resuming split" in resumed.stdout
