@@ -99,9 +99,15 @@ class SACConfig:
     lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
     lr_gamma: float = _option(0.95, "StepLR decay factor; 1 disables the schedule")
     per_alpha: float = _option(0.6, "prioritization exponent: sampling probability ~ priority^alpha")
-    per_beta_start: float = _option(0.4, "initial importance-sampling exponent, annealed to 1 over episodes x max steps")
+    per_beta_start: float = _option(0.4, "initial importance-sampling exponent, annealed linearly to 1 over the "
+                                        "run's step budget (--total-steps, else episodes x max steps)")
     eval_every: int = _option(20, "deterministic evaluation every this many episodes; 0 disables")
     eval_episodes: int = _option(5, "episodes per evaluation")
+    target_return: str = _option("auto", "stop when solved: when an evaluation's mean reaches this return, a "
+                                         "--target-episodes evaluation decides, and at or above it the run ends; "
+                                         "'auto': the env's registered reward threshold (200 for LunarLander, none "
+                                         "for Pendulum), 'none': never stop early")
+    target_episodes: int = _option(100, "episodes of the evaluation that decides whether --target-return is reached")
     checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
     keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is always kept")
     save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
@@ -118,7 +124,7 @@ class SACConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
         positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every",
-                    "lr_step_episodes", "eval_episodes", "checkpoint_every", "keep_checkpoints")
+                    "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -142,6 +148,8 @@ class SACConfig:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if not 0 <= self.per_beta_start <= 1:
             raise ConfigError(f"--per-beta-start must be in [0, 1], got {self.per_beta_start}")
+        if self.target_return not in ("auto", "none") and not _is_finite_number(self.target_return):
+            raise ConfigError(f"--target-return must be a number, auto or none, got {self.target_return!r}")
         if self.buffer not in ("prioritized", "uniform"):
             raise ConfigError(f"--buffer must be 'prioritized' or 'uniform', got {self.buffer!r}")
         if self.precision not in MATMUL_DTYPES:
@@ -150,6 +158,40 @@ class SACConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
             raise ConfigError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+
+
+# Named sets of defaults for train.py's --preset; flags given on the command line still win.
+# "original": the configuration this repository started from (the SPEC's table), pinned value by value
+# so that it survives later changes of SACConfig's defaults. It trains its full budget: stopping when
+# solved (--target-return) came later, so the original runs without it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "original": dict(
+        env="LunarLanderContinuous-v3", episodes=1000, max_steps=None, total_steps=None, hidden_size=256,
+        layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, tau=0.005,
+        lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, init_alpha=0.2, start_steps=10_000, update_after=1_000,
+        update_every=50, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6, per_beta_start=0.4,
+        eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
+    ),
+}
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def target_return(config: SACConfig) -> float | None:
+    """The return that ends a run as solved: the number given, the env's reward_threshold for 'auto'
+    (None if it registers none), None for 'none'."""
+    if config.target_return == "none":
+        return None
+    if config.target_return == "auto":
+        # A "module:Env-v0" id is registered as "Env-v0" once gym.make has imported the module.
+        threshold = gym.spec(config.env.rpartition(":")[2]).reward_threshold
+        return None if threshold is None else float(threshold)
+    return float(config.target_return)
 
 
 def _flag(name: str) -> str:
@@ -163,17 +205,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type = SACConfig) -> None:
-    """Add one flag per config field, with the dataclass default and help text."""
-    for f in dataclasses.fields(config_cls):
+def add_config_flags(parser: argparse.ArgumentParser, defaults: SACConfig | None = None) -> None:
+    """Add one flag per config field, with its help text; defaults from `defaults` (else the dataclass's)."""
+    defaults = SACConfig() if defaults is None else defaults
+    for f in dataclasses.fields(defaults):
+        default = getattr(defaults, f.name)
         flag = f"--{_flag(f.name)}"
         extras = {k: v for k, v in f.metadata.items() if k != "help"}
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
-        parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})",
+        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})",
                             **extras)
 
 
@@ -525,9 +569,23 @@ def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.
                                    seed=config.seed)
 
 
+def step_budget(config: SACConfig) -> int:
+    """The most env steps a run can take: --total-steps if given and smaller, else episodes x max_steps."""
+    episodes_limit = config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)
+    return min(config.total_steps or episodes_limit, episodes_limit)
+
+
 def per_beta(config: SACConfig, step: int) -> float:
-    """Importance-sampling exponent: linear from per_beta_start to 1 over episodes x max_steps env steps."""
-    progress = min(1.0, step / (config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)))
+    """Importance-sampling exponent: linear from per_beta_start to 1 over the run's budget, --total-steps
+    when given, else episodes x max_steps.
+
+    The run's own budget, so that a run capped by --total-steps still ends with the full correction
+    (beta 1); over episodes x max_steps, a 50k-step LunarLander run would end at beta 0.43. Not the
+    smaller of the two: --episodes may then change on resume (to continue a run up to its
+    --total-steps) without changing what the run learns.
+    """
+    horizon = config.total_steps or config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)
+    progress = min(1.0, step / horizon)
     return config.per_beta_start + progress * (1.0 - config.per_beta_start)
 
 

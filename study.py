@@ -4,9 +4,10 @@ The statistics follow Agarwal et al. (2021), "Deep Reinforcement Learning at the
 Statistical Precipice" (the rliable library): the interquartile mean (IQM) over runs, which ignores
 a lucky and an unlucky tail, with a 95% percentile-bootstrap confidence interval over runs.
 
-A study folder (written by `ablate.py`) holds `runs/<config>__seed<k>/` (TensorBoard logs of
-train.py) and `checkpoints/<config>__seed<k>/`. Only finished runs (with `final.pt`) are aggregated:
-an unfinished run's latest evaluation would otherwise stand in for steps it never trained.
+A study folder (written by `ablate.py` or `search.py`) holds `runs/<config>__seed<k>/` (TensorBoard
+logs of train.py) and `checkpoints/<config>__seed<k>/`. An ablation aggregates only finished runs
+(with `final.pt`): an unfinished run's latest evaluation would otherwise stand in for steps it never
+trained. A search also lists the trials its scheduler stopped early, marked as such.
 
 Evaluations happen at episode ends, so their steps differ between seeds. The value of a run at step
 s is its latest evaluation at or before s (no interpolation: never a number the run did not
@@ -16,6 +17,7 @@ This module needs numpy, tensorboard and matplotlib only, not Ray.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from numpy.typing import ArrayLike
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EVAL_TAG = "eval/return_mean"
+TARGET_CHECK_TAG = "eval/target_check_mean"  # train.py's --target-episodes evaluations (100 episodes)
+AUC_POINTS = 20  # equally spaced env steps at which a search's objective averages the evaluation curve
 SEED_SEPARATOR = "__seed"
 BOOTSTRAP_RESAMPLES = 10_000
 TABLE_NOTES = """\
@@ -36,6 +40,13 @@ of the deterministic evaluation return (`eval/return_mean`), each seed contribut
 evaluation at or before that env step ("-": a seed had not been evaluated yet). Steps to threshold:
 IQM over seeds of the first evaluation step whose return reached the threshold, a seed that never
 reached it counting as infinite ("not reached" when the IQM is infinite). Only finished runs count."""
+CONFIRMATION_NOTES = """\
+Confirmation table: from each run's target checks, the deterministic evaluations over
+`--target-episodes` (100) episodes that train.py runs when a periodic evaluation reaches the target
+return, and once more on a final agent that did not reach it. Env steps to reach the threshold: the
+first check at or above it, a seed that never got there counting as infinite; the final agent's
+return: the last check (a run that passes one stops there). Median and IQM [95% percentile-bootstrap
+CI, without interpolation] over seeds."""
 
 
 class Curve(NamedTuple):
@@ -85,13 +96,14 @@ def interquartile_mean(values: ArrayLike, axis: int = -1) -> np.ndarray | float:
 
 
 def bootstrap_ci(values: ArrayLike, statistic: Callable[..., np.ndarray], confidence: float = 0.95,
-                 n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+                 n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, method: str = "linear") -> tuple[float, float]:
     """Percentile-bootstrap confidence interval of `statistic` over a 1-D sample of runs.
 
     Draws `n_resamples` samples of the same size with replacement, applies `statistic(x, axis=-1)`
     to all at once (np.mean, np.median and `interquartile_mean` all take `axis`), and returns the
     (1 - confidence) / 2 and (1 + confidence) / 2 quantiles (linear interpolation) of the results.
-    The same seed gives the same interval.
+    The same seed gives the same interval. `method` is np.quantile's: "inverted_cdf" never
+    interpolates, which keeps the interval defined when some statistics are infinite.
     """
     sample = np.asarray(values, dtype=np.float64).reshape(-1)
     if sample.size == 0:
@@ -102,7 +114,7 @@ def bootstrap_ci(values: ArrayLike, statistic: Callable[..., np.ndarray], confid
     resamples = sample[rng.integers(0, sample.size, size=(n_resamples, sample.size))]
     statistics = statistic(resamples, axis=-1)
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(statistics, [tail, 1.0 - tail])
+    low, high = np.quantile(statistics, [tail, 1.0 - tail], method=method)
     return float(low), float(high)
 
 
@@ -112,12 +124,27 @@ def steps_to_threshold(steps: ArrayLike, returns: ArrayLike, threshold: float = 
     return int(np.asarray(steps)[reached[0]]) if reached.size else None
 
 
-def estimate(values: ArrayLike, confidence: float = 0.95) -> Estimate:
+def estimate(values: ArrayLike, confidence: float = 0.95, method: str = "linear") -> Estimate:
     """IQM of one value per seed with its bootstrap CI; all NaN if any seed has no value (NaN)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0 or np.isnan(values).any():
         return Estimate(math.nan, math.nan, math.nan)
-    return Estimate(float(interquartile_mean(values)), *bootstrap_ci(values, interquartile_mean, confidence))
+    return Estimate(float(interquartile_mean(values)),
+                    *bootstrap_ci(values, interquartile_mean, confidence, method=method))
+
+
+def area_under_curve(run: Curve, budget: int, until: int | None = None) -> float:
+    """A search's objective for one run: the mean evaluation return over the run.
+
+    The curve (latest evaluation at or before each step) averaged at AUC_POINTS equally spaced steps
+    of the budget, those up to `until` (default: all); points before the first evaluation are left
+    out, NaN if all are. Equal spacing weighs every stretch of training alike, however often it was
+    evaluated (evaluations follow episodes, which are short while the lander crashes).
+    """
+    grid = budget * np.arange(1, AUC_POINTS + 1) // AUC_POINTS
+    values = values_at([run], grid[grid <= (budget if until is None else until)])[0]
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,37 +162,50 @@ def parse_run_name(name: str) -> tuple[str, int] | None:
     return (config, int(seed)) if separator and config and seed.isdigit() else None
 
 
-def load_eval_curve(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and returns of `eval/return_mean` in a TensorBoard run folder (empty if it has none).
+class CurveReader:
+    """One scalar's steps and values in a TensorBoard run folder, read again as train.py goes on writing.
 
     All event files of the folder are read (a resumed run adds one per session, and events its
     interrupted predecessor logged after the checkpoint are purged); if a step appears twice, the
-    later value wins.
+    later value wins. Each read parses only the events written since the previous one.
     """
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every event
-    tb_logger = logging.getLogger("tensorboard")
-    level = tb_logger.level
-    tb_logger.setLevel(logging.ERROR)  # a resumed run's purge of stale events is expected: no warning
-    try:
-        accumulator.Reload()
-    finally:
-        tb_logger.setLevel(level)
-    if EVAL_TAG not in accumulator.Tags()["scalars"]:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    by_step = {event.step: event.value for event in accumulator.Scalars(EVAL_TAG)}
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    return steps, np.array([by_step[step] for step in steps], dtype=np.float64)
+
+    def __init__(self, run_dir: str | Path, tag: str = EVAL_TAG) -> None:
+        self.run_dir, self.tag = Path(run_dir), tag
+        self.accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every event
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """The steps (ascending) and values logged so far; empty arrays if there are none (or no folder yet)."""
+        if not self.run_dir.is_dir():
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        tb_logger = logging.getLogger("tensorboard")
+        level = tb_logger.level
+        tb_logger.setLevel(logging.ERROR)  # a resumed run's purge of stale events is expected: no warning
+        try:
+            self.accumulator.Reload()
+        finally:
+            tb_logger.setLevel(level)
+        if self.tag not in self.accumulator.Tags()["scalars"]:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        by_step = {event.step: event.value for event in self.accumulator.Scalars(self.tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        return steps, np.array([by_step[step] for step in steps], dtype=np.float64)
 
 
-def load_study(study_dir: str | Path) -> dict[str, list[Curve]]:
-    """The evaluation curves of a study's finished runs, by configuration (sorted) and seed."""
+def load_eval_curve(run_dir: str | Path, tag: str = EVAL_TAG) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of `tag` (the evaluation return) in a TensorBoard run folder (empty if it has none)."""
+    return CurveReader(run_dir, tag).read()
+
+
+def load_study(study_dir: str | Path, tag: str = EVAL_TAG, finished_only: bool = True) -> dict[str, list[Curve]]:
+    """The curves of `tag` of a study's runs (only the finished ones by default), by configuration (sorted) and seed."""
     study_dir = Path(study_dir)
     curves: dict[str, list[Curve]] = {}
     for run_dir in sorted((study_dir / "runs").glob("*/")):
         trial = parse_run_name(run_dir.name)
-        if trial is None or not (study_dir / "checkpoints" / run_dir.name / "final.pt").is_file():
+        if trial is None or (finished_only and not (study_dir / "checkpoints" / run_dir.name / "final.pt").is_file()):
             continue
-        curves.setdefault(trial[0], []).append(Curve(trial[1], *load_eval_curve(run_dir)))
+        curves.setdefault(trial[0], []).append(Curve(trial[1], *load_eval_curve(run_dir, tag)))
     return {config: sorted(runs) for config, runs in sorted(curves.items())}
 
 
@@ -220,8 +260,106 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def format_estimate(value: Estimate) -> str:
-    return "-" if math.isnan(value.value) else f"{value.value:.1f} [{value.low:.1f}, {value.high:.1f}]"
+def format_estimate(value: Estimate, fmt: Callable[[float], str] = "{:.1f}".format) -> str:
+    return "-" if math.isnan(value.value) else f"{fmt(value.value)} [{fmt(value.low)}, {fmt(value.high)}]"
+
+
+def format_step_count(steps: float) -> str:
+    """Env steps with thousands separators; infinite (a seed that never got there) is 'not reached'."""
+    return "not reached" if math.isinf(steps) else f"{steps:,.0f}"
+
+
+def confirmation_table(checks: dict[str, list[Curve]], threshold: float = 200.0, confidence: float = 0.95) -> str:
+    """Markdown table of a confirmation, from each run's target checks (train.py's 100-episode evaluations).
+
+    Per configuration: each seed's env steps until a check first reached `threshold` (a seed that never
+    did counts as infinite) and its final agent's check (the last one: a run ends at its passing check
+    or checks its final agent); the median and the IQM [bootstrap CI] over seeds of both.
+    """
+    header = ["configuration", "seeds", f"reached {threshold:g}", "env steps to reach it, by seed", "median",
+              f"IQM [{confidence:.0%} CI]", "final agent's 100-episode return, by seed", "median",
+              f"IQM [{confidence:.0%} CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for config, runs in checks.items():
+        first = [steps_to_threshold(run.steps, run.returns, threshold) for run in runs]
+        steps = np.array([math.inf if s is None else s for s in first], dtype=np.float64)
+        final = np.array([run.returns[-1] if run.returns.size else math.nan for run in runs])
+        cells = [config, str(len(runs)), f"{sum(s is not None for s in first)}/{len(runs)}",
+                 " / ".join(format_step_count(s) for s in steps), format_step_count(float(np.median(steps))),
+                 format_estimate(estimate(steps, confidence, method="inverted_cdf"), format_step_count),
+                 " / ".join(f"{r:.1f}" for r in final), f"{np.median(final):.1f}",
+                 format_estimate(estimate(final, confidence))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Search trials
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchTrial:
+    """One trial of a hyperparameter search: its hyperparameters and how far and how well its seeds got."""
+
+    name: str
+    params: dict
+    steps: int  # the latest env step every seed has been evaluated at
+    objective: float  # mean over seeds of the area under the evaluation curve up to `steps`
+    final_return: float  # mean over seeds of the evaluation return at `steps`
+    complete: bool  # every seed trained the whole budget; else the scheduler stopped it or it is unfinished
+
+
+def trial_progress(runs: list[Curve], budget: int) -> tuple[int, float, float]:
+    """(env step, objective, mean evaluation return) at the latest step every seed has been evaluated at.
+
+    The objective is the mean over seeds of `area_under_curve` up to that step: what the search
+    maximizes, and what its scheduler compares between trials that got as far. (0, NaN, NaN) while
+    a seed has no evaluation.
+    """
+    if not runs or any(run.steps.size == 0 for run in runs):
+        return 0, math.nan, math.nan
+    step = int(min(run.steps[-1] for run in runs))
+    objective = float(np.mean([area_under_curve(run, budget, until=step) for run in runs]))
+    return step, objective, float(np.mean(values_at(runs, [step])))
+
+
+def load_search(study_dir: str | Path, budget: int, seeds: tuple[int, ...]) -> list[SearchTrial]:
+    """Every trial of a search folder (trials/<name>.json holds its hyperparameters), best first.
+
+    Trials that trained the whole budget on every seed come first, by objective; then those stopped
+    early (their objective covers only the steps they reached, so it does not compare with the others).
+    """
+    study_dir = Path(study_dir)
+    curves = load_study(study_dir, finished_only=False)
+    trials = []
+    for params_file in sorted((study_dir / "trials").glob("*.json")):
+        name, runs = params_file.stem, curves.get(params_file.stem, [])
+        step, objective, final_return = trial_progress(runs, budget)
+        complete = [run.seed for run in runs] == sorted(seeds) and all(
+            (study_dir / "checkpoints" / run_name(name, seed) / "final.pt").is_file() for seed in seeds)
+        trials.append(SearchTrial(name, json.loads(params_file.read_text()), step, objective, final_return, complete))
+    return sorted(trials, key=lambda t: (t.complete, -math.inf if math.isnan(t.objective) else t.objective),
+                  reverse=True)
+
+
+def format_param(value: float | int | str) -> str:
+    """A hyperparameter as the table and the command line show it: floats to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def search_table(trials: list[SearchTrial]) -> str:
+    """The trials as a Markdown table, best first, with their hyperparameters."""
+    if not trials:
+        return "(no trials)"
+    names = list(trials[0].params)
+    header = ["rank", "trial", "objective", "return at the end", "env steps", "status", *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for rank, trial in enumerate(trials, 1):
+        status = "complete" if trial.complete else "stopped"  # by the scheduler, or the search was interrupted
+        cells = [str(rank), trial.name, f"{trial.objective:.1f}", f"{trial.final_return:.1f}", f"{trial.steps:,}",
+                 status, *(format_param(trial.params.get(name, "-")) for name in names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: float | None = None,

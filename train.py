@@ -23,18 +23,21 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from sac_model import (
-    CHECKPOINTS_DIR, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError, WriteError,
-    add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy, fail,
-    find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer, make_env, newest_intact_checkpoint,
-    per_beta, prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files, resolve_device,
-    restore_rng_state, seed_everything,
+    CHECKPOINTS_DIR, PRESETS, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
+    WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy,
+    fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer, make_env,
+    newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files,
+    resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
-RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "checkpoint_every",
-                      "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
-EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes use seeds no training episode starts from
+RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
+                      "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
+# Training resets from --seed once; evaluations and target checks use seeds of their own, disjoint from it
+# and from each other (as long as --eval-episodes stays below 1M).
+EVAL_SEED_OFFSET = 1_000_000
+TARGET_SEED_OFFSET = 2_000_000
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
@@ -50,6 +53,7 @@ class Progress:
     episode: int = 0
     updates: int = 0
     eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
+    target_checks: list = field(default_factory=list)  # [env step, mean return, std] per --target-episodes evaluation
 
 
 class StopSignal:
@@ -64,9 +68,13 @@ class StopSignal:
         self.signum = signum
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, whose defaults are SACConfig's or, with a preset's name, the preset's."""
     parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
-    add_config_flags(parser)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start from a named set of defaults; flags given still win. 'original': the "
+                             "configuration the repository started from (the SPEC's table), without --target-return")
+    add_config_flags(parser, SACConfig(**PRESETS[preset]) if preset else None)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
@@ -81,12 +89,18 @@ def flags_given(argv: list[str]) -> set[str]:
     probe = build_parser()
     probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)})
     given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
-    return given - {"resume", "overwrite"}
+    return given - {"resume", "overwrite", "preset"}
 
 
 def changed_flags(config: SACConfig, args: argparse.Namespace, given: set[str]) -> set[str]:
     """The config fields given on the command line whose value differs from `config`'s."""
     return {name for name in given if getattr(args, name) != getattr(config, name)}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """train.py's flags; a --preset replaces the defaults the flags not given fall back on."""
+    preset = build_parser().parse_known_args(argv)[0].preset
+    return build_parser(preset).parse_args(argv)
 
 
 def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
@@ -152,6 +166,8 @@ def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SA
 def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
     """The validated config of a new run, or of the resumed one with its checkpoint."""
     checkpoint, checkpoint_path = None, None
+    if args.resume and args.preset:
+        raise SACError("--preset cannot be combined with --resume: a resumed run keeps its checkpoint's config")
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
         checkpoint = read_checkpoint(checkpoint_path)
@@ -235,7 +251,7 @@ def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer
         buffer.load_state_dict(training["buffer"])
     env.reset(seed=agent.config.seed)  # creates the env's generators, then they are overwritten
     restore_rng_state(training["rng"], env)
-    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress)})
+    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress) if f.name in training})
     exact = training["buffer"] is not None and training["episode_finished"]
     print(f"resuming {agent.config.run_name} from {path} at env step {progress.global_step}, episode "
           f"{progress.episode}" + ("" if exact else " (approximately: mid-episode or without replay buffer)"))
@@ -268,15 +284,16 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
         writer = open_event_log(config, progress.global_step if checkpoint else None)
     except OSError as error:
         raise write_failure(error, config.run_name) from None
-    step_budget = min(config.total_steps or np.inf, config.episodes * config.max_steps)
-    bar = tqdm(total=int(step_budget), initial=progress.global_step, unit="step", dynamic_ncols=True,
+    budget = step_budget(config)
+    bar = tqdm(total=budget, initial=progress.global_step, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     recent_returns: deque[float] = deque(maxlen=10)
     stop = StopSignal()
     session_start, session_start_step = time.perf_counter(), progress.global_step
     episode_finished = True
     try:
-        while progress.episode < config.episodes and progress.global_step < step_budget and stop.signum is None:
+        while (progress.episode < config.episodes and progress.global_step < budget and stop.signum is None
+               and not solved(progress, config)):
             obs, _ = env.reset(seed=first_reset_seed)
             first_reset_seed = None
             episode_return, episode_length = 0.0, 0
@@ -297,7 +314,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
                 if step >= config.update_after and step % config.update_every == 0:
                     update_round(agent, buffer, writer, config, progress)
                 episode_finished = terminated or truncated
-                if episode_finished or step >= step_budget or stop.signum is not None:
+                if episode_finished or step >= budget or stop.signum is not None:
                     break
             if episode_finished:
                 progress.episode += 1
@@ -314,6 +331,8 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
             return 128 + stop.signum
         if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
             evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
+        if target_return(config) is not None and not solved(progress, config):
+            check_target(agent, eval_env, writer, config, progress)  # its --target-episodes mean, for the record
         path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished, writer)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
@@ -337,10 +356,28 @@ def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: S
     writer.add_scalar("eval/return_std", np.std(returns), step)
 
 
+def solved(progress: Progress, config: SACConfig) -> bool:
+    """Whether the latest target check reached --target-return (never without a target)."""
+    target = target_return(config)
+    return target is not None and bool(progress.target_checks) and progress.target_checks[-1][1] >= target
+
+
+def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
+    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes."""
+    returns = evaluate_policy(agent, eval_env, config.target_episodes, config.seed + TARGET_SEED_OFFSET)
+    step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
+    progress.target_checks.append([step, mean, std])
+    writer.add_scalar("eval/target_check_mean", mean, step)
+    writer.add_scalar("eval/target_check_std", std, step)
+    verdict = "solved" if solved(progress, config) else "not solved"
+    tqdm.write(f"env step {step}: {config.target_episodes}-episode evaluation {mean:.1f} +/- {std:.1f}, "
+               f"{verdict} (target {target_return(config):g})")
+
+
 def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
                    progress: Progress, episode_return: float, episode_length: int, recent_returns: deque,
                    bar: tqdm, session_start: float, session_start_step: int) -> None:
-    """Episode bookkeeping: logs, LR schedule, evaluation, periodic checkpoint."""
+    """Episode bookkeeping: logs, LR schedule, evaluation (and target check), periodic checkpoint."""
     step = progress.global_step
     recent_returns.append(episode_return)
     steps_per_second = (step - session_start_step) / max(time.perf_counter() - session_start, 1e-9)
@@ -352,6 +389,9 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
     postfix = {"ep": progress.episode, "return(10)": f"{np.mean(recent_returns):.1f}"}
     if config.eval_every and progress.episode % config.eval_every == 0:
         evaluate_and_log(agent, eval_env, writer, config, progress)
+        target = target_return(config)
+        if target is not None and progress.eval_history[-1][1] >= target:
+            check_target(agent, eval_env, writer, config, progress)
     if progress.eval_history:
         postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
     bar.set_postfix(postfix, refresh=False)
@@ -363,7 +403,7 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory_mapped()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.overwrite and args.resume:
         build_parser().error("--overwrite starts a run over; it cannot be combined with --resume")
     quiet_event_writer_thread()

@@ -54,6 +54,7 @@ from sac_model import (
     read_checkpoint,
     restore_rng_state,
     tanh_gaussian_log_prob,
+    target_return,
 )
 
 HIDDEN = 32
@@ -1045,6 +1046,26 @@ def test_per_beta_anneals_linearly_to_one_and_stays():
     for step in (horizon, horizon + 1, 10 * horizon):
         assert per_beta(config, step) == pytest.approx(1.0, abs=1e-12)
     assert per_beta(SACConfig(episodes=2, max_steps=50, per_beta_start=1.0), 30) == pytest.approx(1.0)
+
+
+def test_target_return_auto_is_the_envs_reward_threshold_and_none_turns_it_off():
+    assert SACConfig().target_return == "auto"
+    assert target_return(SACConfig()) == 200.0  # LunarLanderContinuous-v3 registers 200
+    assert target_return(SACConfig(env="Pendulum-v1")) is None  # registers no threshold
+    assert target_return(SACConfig(target_return="none")) is None
+    assert target_return(SACConfig(env="Pendulum-v1", target_return="-150.5")) == -150.5
+    for invalid in ("solved", "nan", "inf", ""):
+        with pytest.raises(ConfigError, match="--target-return"):
+            SACConfig(target_return=invalid).validate()
+
+
+def test_per_beta_anneals_over_the_total_steps_cap_when_given():
+    # A 50k-step LunarLander run: on the old clock (episodes x max_steps = 1M) beta would be 0.43 at the end.
+    config = SACConfig(episodes=1000, max_steps=1000, total_steps=50_000, per_beta_start=0.4)
+    assert per_beta(config, 25_000) == pytest.approx(0.7, abs=1e-12)
+    assert per_beta(config, 50_000) == pytest.approx(1.0, abs=1e-12)
+    # Without the cap, the clock is episodes x max_steps.
+    assert per_beta(dataclasses.replace(config, total_steps=None), 500_000) == pytest.approx(0.7, abs=1e-12)
 
 
 # ============================================================================================

@@ -18,7 +18,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import sac_model
-from sac_model import SACAgent, read_checkpoint
+from sac_model import PRESETS, SACAgent, config_from_args, read_checkpoint
+from train import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -168,9 +169,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> 
     # torch's generators are drawn from on each side of the split at step 400.
     common = [*SMALL, "--episodes", "10", "--eval-every", "1", "--eval-episodes", "1", "--lr-step-episodes", "1",
               "--start-steps", "600"]
+    # The split run has the same --total-steps (PER's beta anneals over it) and stops after 2 episodes.
     whole = run_script("train.py", tmp_path, *common, "--total-steps", "800", "--run-name", "whole")
-    half = run_script("train.py", tmp_path, *common, "--total-steps", "400", "--run-name", "split")
-    resumed = run_script("train.py", tmp_path, "--resume", "split", "--total-steps", "800")
+    half = run_script("train.py", tmp_path, *common, "--total-steps", "800", "--episodes", "2", "--run-name", "split")
+    resumed = run_script("train.py", tmp_path, "--resume", "split", "--episodes", "10")
     for result in (whole, half, resumed):
         assert result.returncode == 0, result.stderr
     assert "resuming split" in resumed.stdout
@@ -259,6 +261,8 @@ def test_non_finite_training_stops_with_a_message_and_keeps_the_last_checkpoint(
     (["--env", "LunarLanderContinuous-v2"], "cannot create environment 'LunarLanderContinuous-v2'"),
     (["--env", "CartPole-v1"], "Discrete action space"),
     (["--resume", "no_such_run"], "no such checkpoint file, folder or run name"),
+    (["--resume", "no_such_run", "--preset", "original"], "--preset cannot be combined with --resume"),
+    (["--preset", "newest"], "invalid choice"),
 ])
 def test_invalid_train_flags_give_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
     assert_one_line_error(run_script("train.py", tmp_path, *flags), message)
@@ -419,3 +423,51 @@ def test_a_full_disk_while_recording_videos_ends_in_one_line_and_keeps_no_broken
     assert_one_line_error(result, f"{reason}; no video of this call was kept", code=4)
     assert "cannot write videos/small-final-" in result.stderr
     assert not list((small_disk / "videos").iterdir())
+
+
+def test_a_run_that_reaches_its_target_return_stops_early_with_a_final_agent(tmp_path: Path) -> None:
+    # Every Pendulum return is above -10,000: the first evaluation (after episode 2) triggers the check, which passes.
+    result = run_script("train.py", tmp_path, *SMALL, "--episodes", "20", "--eval-every", "2", "--eval-episodes", "1",
+                        "--target-return", "-10000", "--target-episodes", "3", "--run-name", "solved")
+    assert result.returncode == 0, result.stderr
+    assert "3-episode evaluation" in result.stdout and "solved (target -10000)" in result.stdout
+    training = read_checkpoint(tmp_path / "checkpoints" / "solved" / "final.pt")["training"]
+    assert training["global_step"] == 400 and training["episode"] == 2
+    assert [check[0] for check in training["target_checks"]] == [400]
+    checks = scalar_tags(tmp_path / "runs" / "solved").Scalars("eval/target_check_mean")
+    assert [e.step for e in checks] == [400] and checks[0].value == pytest.approx(training["target_checks"][0][1])
+
+
+def test_a_run_below_its_target_trains_on_and_checks_its_final_agent(tmp_path: Path) -> None:
+    # No Pendulum return reaches 0, so no periodic evaluation triggers a check: only the final agent gets one.
+    result = run_script("train.py", tmp_path, *SMALL, "--episodes", "3", "--eval-every", "1", "--eval-episodes", "1",
+                        "--target-return", "0", "--target-episodes", "2", "--run-name", "unsolved")
+    assert result.returncode == 0, result.stderr
+    assert "not solved (target 0)" in result.stdout
+    training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
+    assert training["global_step"] == 600 and [check[0] for check in training["target_checks"]] == [600]
+    assert [e.step for e in scalar_tags(tmp_path / "runs" / "unsolved").Scalars("eval/target_check_mean")] == [600]
+    # The target may change on resume; without one, the final agent gets no check.
+    resumed = run_script("train.py", tmp_path, "--resume", "unsolved", "--episodes", "4", "--target-return", "none")
+    assert resumed.returncode == 0, resumed.stderr
+    training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
+    assert training["episode"] == 4 and [check[0] for check in training["target_checks"]] == [600]
+
+
+# The SPEC's table of the original defaults, written out here rather than read from the code.
+SPEC_ORIGINAL = {
+    "env": "LunarLanderContinuous-v3", "hidden_size": 256, "layer_norm": True, "buffer_size": 1_000_000,
+    "batch_size": 256, "gamma": 0.99, "tau": 0.005, "lr_actor": 3e-4, "lr_critic": 3e-4, "lr_alpha": 3e-4,
+    "init_alpha": 0.2, "episodes": 1000, "max_steps": None, "start_steps": 10_000, "update_after": 1000,
+    "update_every": 50, "grad_clip": 1.0, "lr_step_episodes": 100, "lr_gamma": 0.95, "per_alpha": 0.6,
+    "per_beta_start": 0.4, "buffer": "prioritized", "checkpoint_every": 50, "seed": 0,
+}
+
+
+def test_preset_original_gives_exactly_the_spec_values_and_given_flags_win() -> None:
+    config = config_from_args(parse_args(["--preset", "original"]))
+    assert {name: getattr(config, name) for name in SPEC_ORIGINAL} == SPEC_ORIGINAL
+    assert config.target_return == "none"  # the original trained its full budget
+    assert set(SPEC_ORIGINAL) - {"seed"} <= set(PRESETS["original"])  # pinned, not borrowed from today's defaults
+    tweaked = config_from_args(parse_args(["--preset", "original", "--batch-size", "64", "--target-return", "auto"]))
+    assert (tweaked.batch_size, tweaked.target_return, tweaked.tau) == (64, "auto", 0.005)

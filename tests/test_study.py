@@ -2,6 +2,7 @@
 logs, and one tiny ablation study run end to end through ablate.py on a local Ray."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from sac_model import SACConfig
+
 from study import (
-    aggregate, bootstrap_ci, interquartile_mean, load_eval_curve, load_study, markdown_table, plot_curves,
-    steps_to_threshold,
+    Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, interquartile_mean, load_eval_curve,
+    load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold, trial_progress,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,13 +81,13 @@ def test_steps_to_threshold_is_the_first_evaluation_at_or_above_it() -> None:
     assert steps_to_threshold([], []) is None
 
 
-def write_eval_log(run_dir: Path, returns: list[float], steps: list[int] = EVAL_STEPS, purge_step: int | None = None
-                   ) -> None:
-    """A TensorBoard log as train.py writes it: eval/return_mean plus another tag."""
+def write_eval_log(run_dir: Path, returns: list[float], steps: list[int] = EVAL_STEPS, purge_step: int | None = None,
+                   tag: str = "eval/return_mean") -> None:
+    """A TensorBoard log as train.py writes it: the evaluation tag plus another one."""
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     for step, value in zip(steps, returns):
         writer.add_scalar("charts/episode_return", value - 1, step)
-        writer.add_scalar("eval/return_mean", value, step)
+        writer.add_scalar(tag, value, step)
     writer.close()
 
 
@@ -140,38 +143,106 @@ def test_aggregate_synthetic_study_gives_hand_computed_table(synthetic_study: Pa
     assert " 210.5 [" in table[3]
 
 
+def test_confirmation_table_times_the_first_passing_check_and_keeps_the_final_agents(tmp_path: Path) -> None:
+    # Seed 0 passes its second check, seed 1 its first; seed 2 never passes (its one check is its final agent's).
+    checks = {0: ([1000, 3000], [150.0, 210.0]), 1: ([2000], [205.0]), 2: ([5000], [120.0])}
+    for seed, (steps, returns) in checks.items():
+        write_eval_log(tmp_path / "runs" / f"full__seed{seed}", returns, steps, tag="eval/target_check_mean")
+        (tmp_path / "checkpoints" / f"full__seed{seed}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"full__seed{seed}" / "final.pt").touch()
+    table = confirmation_table(load_study(tmp_path, tag="eval/target_check_mean"), threshold=200).splitlines()
+    cells = [cell.strip() for cell in table[2].strip("|").split("|")]
+    assert cells[:5] == ["full", "3", "2/3", "3,000 / 2,000 / not reached", "3,000"]  # median of 2000, 3000, inf
+    assert cells[5].startswith("not reached [2,000, ")  # the IQM of 3 seeds is their mean: infinite
+    assert cells[6:8] == ["210.0 / 205.0 / 120.0", "205.0"]
+    assert cells[8].startswith("178.3 [")  # (210 + 205 + 120) / 3
+
+
+def test_area_under_curve_averages_the_curve_at_equally_spaced_steps() -> None:
+    run = Curve(0, np.array([10, 50]), np.array([0.0, 100.0]))
+    # Budget 100, 20 points: 5 (before any evaluation, left out), 10..45 at 0 (8 points), 50..100 at 100 (11).
+    assert area_under_curve(run, budget=100) == pytest.approx(1100 / 19)
+    assert area_under_curve(run, budget=100, until=50) == pytest.approx(100 / 9)
+    assert math.isnan(area_under_curve(run, budget=100, until=9))
+    # Dense early evaluations weigh no more than sparse late ones.
+    dense = Curve(0, np.array([10, 11, 12, 13, 50]), np.array([0.0, 0.0, 0.0, 0.0, 100.0]))
+    assert area_under_curve(dense, budget=100) == area_under_curve(run, budget=100)
+
+
+def test_trial_progress_is_where_every_seed_has_got() -> None:
+    runs = [Curve(100, np.array([10, 50]), np.array([0.0, 100.0])), Curve(101, np.array([20]), np.array([50.0]))]
+    step, objective, latest = trial_progress(runs, budget=100)
+    assert step == 20  # seed 101 has only been evaluated at 20
+    # Up to 20: seed 100's points 10, 15, 20 are 0; seed 101's point 20 is 50.
+    assert (objective, latest) == (pytest.approx(25.0), 25.0)
+    assert trial_progress([runs[0], Curve(101, np.zeros(0, dtype=np.int64), np.zeros(0))], budget=100)[0] == 0
+
+
+def test_search_results_put_complete_trials_first_by_objective(tmp_path: Path) -> None:
+    # trial a: complete, flat 50; trial b: complete, flat 80; trial c: stopped early at 100 with 500 (not comparable).
+    trials = {"a": ([50, 50], True), "b": ([80, 80], True), "c": ([500], False)}
+    for name, (returns, complete) in trials.items():
+        (tmp_path / "trials").mkdir(exist_ok=True)
+        (tmp_path / "trials" / f"{name}.json").write_text(f'{{"lr_actor": 0.000123456, "batch_size": {len(name)}}}')
+        for seed in (100, 101):
+            write_eval_log(tmp_path / "runs" / f"{name}__seed{seed}", returns, [100, 200][:len(returns)])
+            if complete:
+                (tmp_path / "checkpoints" / f"{name}__seed{seed}").mkdir(parents=True)
+                (tmp_path / "checkpoints" / f"{name}__seed{seed}" / "final.pt").touch()
+    results = load_search(tmp_path, budget=200, seeds=(100, 101))
+    assert [(t.name, t.complete, t.steps) for t in results] == [("b", True, 200), ("a", True, 200), ("c", False, 100)]
+    assert results[0].objective == pytest.approx(80.0) and results[2].objective == pytest.approx(500.0)
+    table = search_table(results).splitlines()
+    assert table[0] == "| rank | trial | objective | return at the end | env steps | status | lr_actor | batch_size |"
+    assert table[2] == "| 1 | b | 80.0 | 80.0 | 200 | complete | 0.000123 | 1 |"
+    assert table[4].startswith("| 3 | c | 500.0 | 500.0 | 100 | stopped |")
+
+
 def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None:
     path = plot_curves(load_study(synthetic_study), tmp_path / "plots" / "curves.png", threshold=200)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run_ablate(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "ablate.py"), *args], cwd=cwd, capture_output=True, text=True,
+def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ablate.py or search.py as a user would; skips the test without Ray (and Optuna for the search)."""
+    pytest.importorskip("optuna" if script == "search.py" else "ray",
+                        reason=f"{script} needs Ray and Optuna: pip install -r requirements-study.txt")
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--budget", "0"], "--budget must be positive"),
-    (["--configs", "full,no_such"], "unknown configuration 'no_such'"),
-    (["--train-args", "--seed 3"], "--train-args may not set --seed"),
-    (["--train-args", "--batch-size 64 --buffer-size 32"], "--batch-size 64 is larger than --buffer-size 32"),
+@pytest.mark.parametrize("script, args, fragment", [
+    ("ablate.py", ["--budget", "0"], "--budget must be positive"),
+    ("ablate.py", ["--configs", "full,no_such"], "unknown configuration 'no_such'"),
+    ("ablate.py", ["--train-args", "--seed 3"], "--train-args may not set --seed"),
+    ("ablate.py", ["--train-args", "--batch-size 64 --buffer-size 32"],
+     "--batch-size 64 is larger than --buffer-size 32"),
+    ("ablate.py", ["--seeds", "101"], "would reuse the search's seeds"),
+    ("search.py", ["--trials", "0"], "--trials must be positive"),
+    ("search.py", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
+    ("search.py", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
 ])
-def test_ablate_refuses_invalid_flags_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
-    result = run_ablate(tmp_path, *args, timeout=120)
+def test_study_scripts_refuse_invalid_flags_in_one_line(tmp_path: Path, script: str, args: list[str],
+                                                        fragment: str) -> None:
+    result = run_study(script, tmp_path, *args, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "studies").exists()
 
 
+def test_search_and_confirmation_seeds_never_meet() -> None:
+    pytest.importorskip("ray", reason="study_runner.py needs Ray: pip install -r requirements-study.txt")
+    from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
+    assert not set(SEARCH_SEEDS) & set(CONFIRMATION_SEEDS)
+
+
 def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
     args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,no_per", "--max-concurrent", "1",
             "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
                             "--start-steps 100 --update-after 100"]
     runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
-    first = run_ablate(tmp_path, *args)
+    first = run_study("ablate.py", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
     for run in runs:
@@ -185,7 +256,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert (study / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     start = time.monotonic()
-    second = run_ablate(tmp_path, *args)
+    second = run_study("ablate.py", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     for run in runs:
         assert f"skipped  {run}: finished" in second.stdout
@@ -206,9 +277,39 @@ def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
     assert foreign.returncode == 0, foreign.stderr
     final = study / "checkpoints" / "full__seed0" / "final.pt"
     before = final.read_bytes()
-    result = run_ablate(tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1", "--configs", "full",
+    result = run_study("ablate.py", tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1", "--configs", "full",
                         "--train-args", train_args, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "is not this study's full__seed0: it was trained with --hidden-size 32, the study sets 16" in result.stderr
     assert final.read_bytes() == before and not (study / "results.md").exists()
+
+
+def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
+    from search import SEARCH_SPACE
+    args = ["--name", "tiny", "--budget", "600", "--trials", "3", "--max-concurrent", "1", "--eval-every", "1",
+            "--eval-episodes", "1", "--poll-seconds", "0.5", "--train-args", "--env Pendulum-v1 --update-after 500"]
+    first = run_study("search.py", tmp_path, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    study = tmp_path / "studies" / "tiny"
+    trials = sorted(path.stem for path in (study / "trials").glob("*.json"))
+    assert len(trials) == 3
+    # Every trial trained on the search seeds only.
+    assert {run.name.rpartition("__seed")[2] for run in (study / "runs").iterdir()} == {"100", "101"}
+    # One trial is the defaults (the baseline, proposed first) and ran the whole budget: ASHA never stops the first.
+    baseline = [name for name in trials if json.loads((study / "trials" / f"{name}.json").read_text()) == {
+        key: getattr(SACConfig(), key) for key in SEARCH_SPACE}]
+    assert len(baseline) == 1
+    assert (study / "checkpoints" / f"{baseline[0]}__seed100" / "final.pt").is_file()
+    # Tune got the evaluations as they came (one per 200-step episode), not only at the end.
+    reports = [json.loads(line) for line in next((study / "ray" / "tune").glob(f"*{baseline[0]}*/result.json")).open()]
+    assert [r["step"] for r in reports][-1] == 600 and len(reports) >= 2
+    table = (study / "results.md").read_text()
+    assert table.count("| complete |") + table.count("| stopped |") == 3
+    assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
+
+    second = run_study("search.py", tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming the search" in second.stdout and " started " not in second.stdout
+    assert sorted(path.stem for path in (study / "trials").glob("*.json")) == trials
