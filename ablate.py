@@ -40,6 +40,10 @@ CONFIGS = {
     "no_grad_clip": ["--grad-clip", "0"],
     "no_lr_schedule": ["--lr-gamma", "1"],
 }
+# Other ways to run the same method, compared only when --configs names them (never part of the default study).
+VARIANTS = {
+    "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
+}
 # The settings that make a study's numbers comparable: fixed when the study is first run. The trials
 # train their whole budget unless --target-return says otherwise (a confirmation).
 DEFAULT_SETTINGS = {"kind": "ablation", "budget": 200_000, "eval_every": 10, "eval_episodes": 10,
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seeds 0 .. N-1 per configuration, N at most {min(SEARCH_SEEDS)}: the search's seeds "
                              f"are never used here (default: {len(CONFIRMATION_SEEDS)})")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all)")
+                        help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all), or of the "
+                             f"variants {', '.join(VARIANTS)}")
     parser.add_argument("--target-return", default=None,
                         help="train.py's --target-return for every trial: a trial that reaches it stops, and the "
                              "results add the confirmation table (default: none, every trial trains its budget)")
@@ -75,10 +80,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if args.seeds > min(SEARCH_SEEDS):
         parser.error(f"--seeds {args.seeds} would reuse the search's seeds {SEARCH_SEEDS}: at most {min(SEARCH_SEEDS)}")
     args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in args.configs if name not in CONFIGS]
+    unknown = [name for name in args.configs if name not in CONFIGS | VARIANTS]
     if unknown or not args.configs:
         parser.error(f"--configs: unknown configuration {unknown[0] if unknown else '(none)'!r}; "
-                     f"choose from {', '.join(CONFIGS)}")
+                     f"choose from {', '.join(CONFIGS | VARIANTS)}")
     try:
         args.step_points = None if args.step_points is None else [int(p) for p in args.step_points.split(",")]
     except ValueError as error:
@@ -105,7 +110,8 @@ def train_flags(settings: dict, config: str, seed: int, threads: int) -> list[st
 
     The configuration's flags come after --train-args, so they win over them.
     """
-    return [*common_train_flags(settings, seed, threads), *CONFIGS[config], "--run-name", run_name(config, seed)]
+    return [*common_train_flags(settings, seed, threads), *(CONFIGS | VARIANTS)[config], "--run-name",
+            run_name(config, seed)]
 
 
 def run_trial(params: dict, study_dir: str, flags: dict[str, list[str]]) -> None:
@@ -170,7 +176,7 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     """Aggregate the finished runs into results.md and curves.png; returns the table(s)."""
     points = sorted(set(args.step_points or [settings["budget"] * k // 4 for k in range(1, 5)]))
     curves = load_study(study_dir)
-    order = {config: i for i, config in enumerate(CONFIGS)}
+    order = {config: i for i, config in enumerate(CONFIGS | VARIANTS)}
     curves = {config: curves[config] for config in sorted(curves, key=lambda c: (order.get(c, len(order)), c))}
     table, notes = markdown_table(aggregate(curves, points, args.threshold)), TABLE_NOTES
     if settings["target_return"] != "none":
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     reasons: dict[str, str] = {}
     if not args.aggregate_only:
         check_train_args(settings["train_args"],
-                         [train_flags(settings, config, seed=0, threads=1) for config in CONFIGS], parser)
+                         [train_flags(settings, config, seed=0, threads=1) for config in CONFIGS | VARIANTS], parser)
         lock = lock_study(study_dir, parser)
         refuse_foreign_trials(all_trial_flags(args, settings), study_dir, parser)
         (study_dir / "study.json").write_text(json.dumps(settings, indent=2) + "\n")

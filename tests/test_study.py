@@ -230,6 +230,20 @@ def test_study_scripts_refuse_invalid_flags_in_one_line(tmp_path: Path, script: 
     assert not (tmp_path / "studies").exists()
 
 
+def test_ablate_runs_a_variant_only_when_asked() -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    import ablate
+    parser = ablate.build_parser()
+    assert "bf16" not in ablate.parse_args(parser, []).configs  # the default study is the ablations
+    args = ablate.parse_args(parser, ["--configs", "full,bf16"])
+    settings = {**ablate.DEFAULT_SETTINGS, "budget": 1000}
+    flags = ablate.all_trial_flags(args, settings)
+    assert list(flags) == ["full__seed0", "bf16__seed0", "full__seed1", "bf16__seed1", "full__seed2", "bf16__seed2",
+                           "full__seed3", "bf16__seed3", "full__seed4", "bf16__seed4"]
+    assert flags["bf16__seed0"][-4:] == ["--precision", "bf16", "--run-name", "bf16__seed0"]
+    assert "--precision" not in flags["full__seed0"]
+
+
 def test_search_and_confirmation_seeds_never_meet() -> None:
     pytest.importorskip("ray", reason="study_runner.py needs Ray: pip install -r requirements-study.txt")
     from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
