@@ -1,6 +1,6 @@
 """Benchmark this repository's SAC against Stable-Baselines3 on CPU; prints Markdown tables.
 
-    python benchmarks/bench_sac.py [--threads 2] [--repeats 5] [--quick] [--skip-sb3] [--skip-e2e] [--output FILE]
+    python benchmarks/bench_sac.py [--threads 2] [--repeats 5] [--quick] [--skip-sb3] [--skip-e2e] [--skip-updates] [--output FILE]
 
 Six measurements, each a median over repeats (time.perf_counter):
 1. ms per gradient update at batch 256, hidden 256, with the replay buffer filled with 1e4, 1e5 and
@@ -350,10 +350,12 @@ def bench_per(data: Transitions, settings: Settings, repeats: int) -> str:
 def train_py_seconds(args: list[str], threads: int, env: dict[str, str] | None = None) -> float:
     """Wall-clock seconds of one whole `train.py` process (imports, compile, env steps, updates, final checkpoint).
 
-    Runs in a fresh temporary folder, evaluation and periodic checkpoints off.
+    Runs in a fresh temporary folder, evaluation, the solved check and periodic checkpoints off: SB3 does
+    none of them either.
     """
-    command = [sys.executable, str(REPO_ROOT / "train.py"), *args, "--eval-every", "0", "--checkpoint-every",
-               "100000", "--no-save-buffer", "--threads", str(threads), "--seed", str(SEED), "--run-name", "bench"]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *args, "--eval-every", "0", "--target-return", "none",
+               "--checkpoint-every", "100000", "--no-save-buffer", "--threads", str(threads), "--seed", str(SEED),
+               "--run-name", "bench"]
     with tempfile.TemporaryDirectory(prefix="bench_sac_") as workdir:
         start = time.perf_counter()
         result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -510,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny settings for a smoke test; its numbers are not meaningful")
     parser.add_argument("--skip-sb3", action="store_true", help="measure only this repository")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end training runs")
+    parser.add_argument("--skip-updates", action="store_true", help="skip tables 1 and 2 (updates, replay)")
     parser.add_argument("--output", type=Path, default=None, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -530,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: list[str] = []
     publish(sections, header(args))
-    publish(sections, bench_updates(data, settings, args.repeats, with_sb3))
-    publish(sections, bench_per(data, settings, args.repeats))
+    if not args.skip_updates:
+        publish(sections, bench_updates(data, settings, args.repeats, with_sb3))
+        publish(sections, bench_per(data, settings, args.repeats))
     if not args.skip_e2e:
         publish(sections, bench_end_to_end(settings, args.repeats, args.threads, with_sb3))
         publish(sections, bench_whole_process(settings, args.repeats, args.threads, with_sb3))
