@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -383,15 +383,23 @@ def our_steps_per_second(settings: Settings, threads: int) -> float:
     return (settings.e2e_total_steps - settings.e2e_start_steps) / (full - warmup_only)
 
 
+def alternate(name: str, repeats: int, ours: Callable[[], float],
+              sb3: Callable[[], float] | None) -> tuple[list[float], list[float]]:
+    """Each repeat measures ours, then SB3 (when given): a slow patch of the machine hits both of a pair."""
+    our_values: list[float] = []
+    sb3_values: list[float] = []
+    for repeat in range(repeats):
+        log(f"{name}: repeat {repeat + 1}/{repeats}")
+        our_values.append(ours())
+        if sb3 is not None:
+            sb3_values.append(sb3())
+    return our_values, sb3_values
+
+
 def bench_end_to_end(settings: Settings, repeats: int, threads: int, with_sb3: bool) -> str:
     """Table 3: env steps per second of whole training runs, ours then SB3 in each repeat."""
-    ours: list[float] = []
-    sb3: list[float] = []
-    for repeat in range(repeats):
-        log(f"end to end: repeat {repeat + 1}/{repeats}")
-        ours.append(our_steps_per_second(settings, threads))
-        if with_sb3:
-            sb3.append(sb3_steps_per_second(settings))
+    ours, sb3 = alternate("end to end", repeats, lambda: our_steps_per_second(settings, threads),
+                          (lambda: sb3_steps_per_second(settings)) if with_sb3 else None)
     row = [f"{statistics.median(ours):.1f}"]
     if with_sb3:
         row += [f"{statistics.median(sb3):.1f}", f"{median_ratio(ours, sb3):.2f}"]
@@ -413,13 +421,8 @@ def bench_whole_process(settings: Settings, repeats: int, threads: int, with_sb3
     """Table 4: seconds of a whole short training process, ours and SB3's, as a user waits for them."""
     flags = run_flags(settings.whole_total_steps, settings.whole_start_steps)
     train_py_seconds(run_flags(settings.whole_start_steps, settings.whole_start_steps), threads)  # fills the compile cache
-    ours: list[float] = []
-    sb3: list[float] = []
-    for repeat in range(repeats):
-        log(f"whole process: repeat {repeat + 1}/{repeats}")
-        ours.append(train_py_seconds(flags, threads))
-        if with_sb3:
-            sb3.append(sb3_process_seconds(settings, threads))
+    ours, sb3 = alternate("whole process", repeats, lambda: train_py_seconds(flags, threads),
+                          (lambda: sb3_process_seconds(settings, threads)) if with_sb3 else None)
     row = [f"{statistics.median(ours):.1f}"]
     if with_sb3:
         row += [f"{statistics.median(sb3):.1f}", f"{median_ratio(sb3, ours):.2f}"]
