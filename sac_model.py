@@ -914,8 +914,27 @@ class SACAgent:
         same numbers. Nothing waits for the device: call `.item()` on the metrics only when logging.
         """
         noise = torch.randn(2, *batch.actions.shape, device=self.device)
-        return self._step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
-                          batch.weights, noise, self._learning_rates)
+        inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.weights, noise,
+                  self._learning_rates)
+        try:
+            return self._step(*inputs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if self._step == self.gradient_step:
+                raise
+            self._fall_back_to_eager(error)
+            return self._step(*inputs)
+
+    def _fall_back_to_eager(self, error: Exception) -> None:
+        """Run the step eager from now on, with a warning, after torch.compile failed to build it.
+
+        The backend fails before the compiled graph runs, so no parameter or Adam moment has moved yet and the
+        same batch can be stepped eager. Seen with torch 2.11's inductor on CUDA (an AssertionError).
+        """
+        inner = getattr(error, "inner_exception", error)
+        reason = f"{type(inner).__name__}: {_first_line(inner)}" if str(inner).strip() else type(inner).__name__
+        self._step = self.gradient_step
+        self.step_runs = f"eager (torch.compile failed: {reason})"
+        warnings.warn(f"gradient step: {self.step_runs}", RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def gradient_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,

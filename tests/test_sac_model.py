@@ -653,6 +653,36 @@ def test_compiled_step_matches_eager_step_in_every_parameter_moment_and_metric()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 1  # no recompile per rate
 
 
+@pytest.mark.skipif(sac_model.missing_compiler() is not None, reason="torch.compile needs a C++ compiler")
+def test_a_failed_compile_falls_back_to_the_eager_step_on_the_same_batch(monkeypatch):
+    """torch 2.11's inductor failed on CUDA at the first step: training must go on eager, not crash.
+
+    The backend fails before the graph runs, so the eager retry of the same batch must give exactly the
+    numbers of an agent that was eager all along.
+    """
+    def failing_backend(graph, example_inputs):
+        raise AssertionError("planted backend failure")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=failing_backend, **kwargs))
+    agents = [pendulum_agent() for _ in range(2)]
+    agents[1].load_state_dict(copy.deepcopy(agents[0].state_dict()))
+    agents[1].compile_update()
+    batch = random_batch(3, 1, 16, seed=0)
+    torch.manual_seed(0)
+    expected = agents[0].update(batch)
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed: AssertionError: planted backend failure"):
+        metrics = agents[1].update(batch)
+    assert agents[1].step_runs == "eager (torch.compile failed: AssertionError: planted backend failure)"
+    for name in expected:
+        torch.testing.assert_close(metrics[name], expected[name], rtol=0, atol=0, msg=name)
+    eager, fallen_back = (_flat_tensors(agent.state_dict()) for agent in agents)
+    for name in eager:
+        torch.testing.assert_close(fallen_back[name], eager[name], rtol=0, atol=0, msg=name)
+    assert eager["optimizers.critic.state.0.step"].item() == 1  # the failed compile stepped nothing
+
+
 def test_learning_rate_decay_reaches_the_gradient_step_also_after_loading(tmp_path):
     """At lr 3e-10 an Adam step moves a parameter by about 3e-10; at the initial 3e-4, by about 3e-4."""
     agent = pendulum_agent(lr_step_episodes=1, lr_gamma=1e-6)
