@@ -30,14 +30,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sac_model import OneLineErrorParser, SACConfig
-from study import Curve, CurveReader, format_param, load_search, run_name, search_table, trial_progress
+from study import (
+    Curve, CurveReader, SearchTrial, area_under_curve, format_param, load_search, load_study, run_name, search_table,
+    trial_progress,
+)
 from study_runner import (
     OWN_FLAGS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args, common_train_flags,
     init_ray, lock_study, start_train, study_settings, tune, tune_run_config,
 )
 
 try:
+    import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 except ImportError:
@@ -68,6 +74,9 @@ DEFAULT_SETTINGS = {"kind": "search", "budget": 100_000, "trials": 40, "eval_eve
 # only if its objective so far is in the better half of those recorded at that rung.
 GRACE_FRACTION, REDUCTION_FACTOR = 4, 2
 SAMPLER_SEED = 0  # Optuna's: the same results give the same proposals
+# Hyperparameter importance: PED-ANOVA (Optuna's, no fitted model, meant for few trials) compares the
+# values of the best quarter of the trials with the whole space; below MIN_TRIALS_FOR_IMPORTANCE it says nothing.
+IMPORTANCE_QUANTILE, MIN_TRIALS_FOR_IMPORTANCE = 0.25, 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +162,36 @@ def best_command(params: dict) -> str:
                          for item in (f"--{key.replace('_', '-')}", format_param(value)))])
 
 
+def first_rung_objectives(study_dir: Path, settings: dict) -> dict[str, float]:
+    """Each trial's objective over the first ASHA rung (the steps every trial trains, stopped or not), by trial."""
+    rung, budget = settings["budget"] // GRACE_FRACTION, settings["budget"]
+    return {name: float(np.mean([area_under_curve(run, budget, until=rung) for run in runs]))
+            for name, runs in load_study(study_dir, finished_only=False).items()
+            if len(runs) == len(SEARCH_SEEDS) and all(run.steps.size and run.steps[-1] >= rung for run in runs)}
+
+
+def importance_section(trials: list[SearchTrial], objectives: dict[str, float], rung: int) -> str:
+    """Which hyperparameters set the better trials apart at the first rung, by Optuna's PED-ANOVA."""
+    distributions = OptunaSearch.convert_search_space(SEARCH_SPACE)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for trial in trials:
+        if trial.name in objectives:
+            study.add_trial(optuna.trial.create_trial(
+                params={key: trial.params[key] for key in distributions}, distributions=distributions,
+                value=objectives[trial.name]))
+    heading = (f"What mattered: importance of each hyperparameter for the objective over the first {rung:,} env "
+               f"steps (the part every trial trains), {len(study.trials)} trials, by Optuna's PED-ANOVA (how "
+               f"far the values of the best {IMPORTANCE_QUANTILE:.0%} of the trials lie from the whole range; "
+               "the importances sum to 1). Few trials make it a rough ranking, not a measurement.")
+    if len(study.trials) < MIN_TRIALS_FOR_IMPORTANCE:
+        return f"{heading}\n\nNot computed: fewer than {MIN_TRIALS_FOR_IMPORTANCE} trials reached {rung:,} steps."
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=IMPORTANCE_QUANTILE)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    rows = [f"| {name} | {value:.2f} |" for name, value in importances.items()]
+    return "\n".join([heading, "", "| hyperparameter | importance |", "| --- | --- |", *rows])
+
+
 def write_results(name: str, settings: dict, study_dir: Path) -> str:
     """results.md: the trials sorted by objective with their hyperparameters, and the best one's command line."""
     trials = load_search(study_dir, settings["budget"], SEARCH_SEEDS)
@@ -168,7 +207,9 @@ def write_results(name: str, settings: dict, study_dir: Path) -> str:
         "Objective: the mean evaluation return over the run (the curve averaged at 20 equally spaced steps), "
         "averaged over the seeds. Complete trials (the whole budget on every seed) come first; a stopped one "
         "(by ASHA, or by an interrupted search) shows its objective over the steps it reached.", "",
-        search_table(trials), "", best, ""])
+        search_table(trials), "", best, "",
+        importance_section(trials, first_rung_objectives(study_dir, settings), settings["budget"] // GRACE_FRACTION),
+        ""])
     (study_dir / "results.md").write_text(text)
     return text
 

@@ -198,6 +198,35 @@ def test_search_results_put_complete_trials_first_by_objective(tmp_path: Path) -
     assert table[4].startswith("| 3 | c | 500.0 | 500.0 | 100 | stopped |")
 
 
+def test_search_importance_ranks_the_hyperparameter_that_decides_the_first_rung(tmp_path: Path) -> None:
+    """12 trials at the defaults but for lr_actor and batch_size; only lr_actor moves the return."""
+    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
+    import search
+    rng = np.random.default_rng(0)
+    (tmp_path / "trials").mkdir()
+    for index in range(12):
+        lr_actor = float(10 ** rng.uniform(-4, np.log10(3e-3)))
+        params = {key: getattr(SACConfig(), key) for key in search.SEARCH_SPACE}
+        params.update(lr_actor=lr_actor, batch_size=int(rng.choice([64, 128, 256, 512])))
+        (tmp_path / "trials" / f"t{index}.json").write_text(json.dumps(params))
+        for seed in (100, 101):  # the return grows with log(lr_actor); the run stops at the first rung (100 of 400)
+            write_eval_log(tmp_path / "runs" / f"t{index}__seed{seed}", [100 * math.log10(lr_actor) + seed] * 2,
+                           [50, 100])
+    (tmp_path / "trials" / "late.json").write_text(json.dumps(params))  # not at the rung yet: left out
+    write_eval_log(tmp_path / "runs" / "late__seed100", [0.0], [50])
+    objectives = search.first_rung_objectives(tmp_path, {"budget": 400})
+    assert sorted(objectives) == sorted(f"t{index}" for index in range(12))
+    trials = load_search(tmp_path, budget=400, seeds=(100, 101))
+    section = search.importance_section(trials, objectives, rung=100)
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert "12 trials" in section and len(rows) == len(search.SEARCH_SPACE)
+    importance = {name.strip("| "): float(value.strip("| ")) for name, value in rows}
+    assert max(importance, key=importance.get) == "lr_actor", section
+    assert importance["lr_actor"] > 2 * max(v for k, v in importance.items() if k != "lr_actor"), section
+    few = search.importance_section(trials, dict(list(objectives.items())[:7]), rung=100)
+    assert "Not computed: fewer than 8 trials reached 100 steps" in few
+
+
 def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None:
     path = plot_curves(load_study(synthetic_study), tmp_path / "plots" / "curves.png", threshold=200)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -322,6 +351,7 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     table = (study / "results.md").read_text()
     assert table.count("| complete |") + table.count("| stopped |") == 3
     assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
+    assert "Not computed: fewer than 8 trials" in table
 
     second = run_study("search.py", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
