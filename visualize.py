@@ -1,8 +1,8 @@
 """Watch a trained agent: evaluate it and record mp4 videos with gymnasium's RecordVideo.
 
 `python visualize.py` loads the newest checkpoint under checkpoints/, plays 3 deterministic episodes
-of the environment it was trained on, prints each return with the mean and standard deviation, and
-writes the videos to videos/.
+of the environment it was trained on, prints each return, the mean and standard deviation and how many
+episodes reached the env's reward threshold or ended below 0, and writes the videos to videos/.
 """
 from __future__ import annotations
 
@@ -140,8 +140,18 @@ def visualize(args: argparse.Namespace) -> None:
 
     returns = play() if args.no_video else record_checked(play, folder, prefix)
     print(f"mean return {np.mean(returns):.1f} +/- {np.std(returns):.1f} (std) over {len(returns)} episodes")
+    print(outcome_counts(returns, env.spec.reward_threshold if env.spec else None))
     if not args.no_video:
         print(f"videos: {sorted(str(p) for p in Path(args.video_folder).glob(prefix + '*.mp4'))}")
+
+
+def outcome_counts(returns: list[float], threshold: float | None) -> str:
+    """How many episodes reached the env's reward threshold (where it has one) and how many ended below 0,
+    which on LunarLander means a crash (-100) or a long hover: the numbers a 'does it land' claim rests on."""
+    below = f"{sum(r < 0 for r in returns)} below 0"
+    if threshold is None:
+        return f"episodes: {below}"
+    return f"episodes: {sum(r >= threshold for r in returns)} at or above the reward threshold {threshold:g}, {below}"
 
 
 def main(argv: list[str] | None = None) -> int:

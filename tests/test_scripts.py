@@ -317,6 +317,9 @@ def test_visualize_without_checkpoints_shows_the_shipped_pretrained_lander(tmp_p
     assert "pretrained agent" in result.stdout and "LunarLanderContinuous-v3" in result.stdout
     mean_return = float(result.stdout.split("mean return ")[1].split()[0])
     assert mean_return > 100  # it lands: about 250 on these seeds when it was shipped
+    returns = [float(line.split("return ")[1]) for line in result.stdout.splitlines() if line.startswith("episode ")]
+    landed, crashed = sum(r >= 200 for r in returns), sum(r < 0 for r in returns)
+    assert f"episodes: {landed} at or above the reward threshold 200, {crashed} below 0" in result.stdout
 
 
 def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
