@@ -1082,13 +1082,13 @@ def test_make_env_accepts_box_envs_and_applies_time_limit():
 
 
 def test_per_beta_anneals_linearly_to_one_and_stays():
-    config = SACConfig(episodes=10, max_steps=100, per_beta_start=0.4)
-    horizon = 1000
+    config = SACConfig(episodes=10, max_steps=100, total_steps=None, per_beta_start=0.4)
+    horizon = 1000  # episodes x max_steps, without a --total-steps cap
     for step in (0, 1, 250, 500, 999):
         assert per_beta(config, step) == pytest.approx(0.4 + 0.6 * step / horizon, abs=1e-12)
     for step in (horizon, horizon + 1, 10 * horizon):
         assert per_beta(config, step) == pytest.approx(1.0, abs=1e-12)
-    assert per_beta(SACConfig(episodes=2, max_steps=50, per_beta_start=1.0), 30) == pytest.approx(1.0)
+    assert per_beta(SACConfig(episodes=2, max_steps=50, total_steps=None, per_beta_start=1.0), 30) == pytest.approx(1.0)
 
 
 def test_target_return_auto_is_the_envs_reward_threshold_and_none_turns_it_off():
