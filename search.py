@@ -163,11 +163,15 @@ def best_command(params: dict) -> str:
 
 
 def first_rung_objectives(study_dir: Path, settings: dict) -> dict[str, float]:
-    """Each trial's objective over the first ASHA rung (the steps every trial trains, stopped or not), by trial."""
+    """Each trial's objective over the first ASHA rung (the steps every trial trains, stopped or not), by trial.
+
+    Left out: trials not evaluated up to the rung yet, and those with no evaluation inside it (NaN).
+    """
     rung, budget = settings["budget"] // GRACE_FRACTION, settings["budget"]
-    return {name: float(np.mean([area_under_curve(run, budget, until=rung) for run in runs]))
-            for name, runs in load_study(study_dir, finished_only=False).items()
-            if len(runs) == len(SEARCH_SEEDS) and all(run.steps.size and run.steps[-1] >= rung for run in runs)}
+    objectives = {name: float(np.mean([area_under_curve(run, budget, until=rung) for run in runs]))
+                  for name, runs in load_study(study_dir, finished_only=False).items()
+                  if len(runs) == len(SEARCH_SEEDS) and all(run.steps.size and run.steps[-1] >= rung for run in runs)}
+    return {name: value for name, value in objectives.items() if not math.isnan(value)}
 
 
 def importance_section(trials: list[SearchTrial], objectives: dict[str, float], rung: int) -> str:

@@ -214,6 +214,9 @@ def test_search_importance_ranks_the_hyperparameter_that_decides_the_first_rung(
                            [50, 100])
     (tmp_path / "trials" / "late.json").write_text(json.dumps(params))  # not at the rung yet: left out
     write_eval_log(tmp_path / "runs" / "late__seed100", [0.0], [50])
+    (tmp_path / "trials" / "long.json").write_text(json.dumps(params))  # first evaluated past the rung: left out
+    for seed in (100, 101):
+        write_eval_log(tmp_path / "runs" / f"long__seed{seed}", [0.0], [150])
     objectives = search.first_rung_objectives(tmp_path, {"budget": 400})
     assert sorted(objectives) == sorted(f"t{index}" for index in range(12))
     trials = load_search(tmp_path, budget=400, seeds=(100, 101))
