@@ -89,8 +89,10 @@ class SACConfig:
     buffer_size: int = _option(1_000_000, "replay capacity (transitions)")
     batch_size: int = _option(256, "transitions per gradient step")
     gamma: float = _option(0.99, "discount factor")
-    # Issue #10, search lunar_100k (docs/search_lunar_100k.md), best complete trial 94bde25d: the values marked
-    # "lunar_100k" below are its own, to 3 significant digits. The SPEC's originals: PRESETS["original"].
+    # Issue #10, search lunar_100k (docs/search_lunar_100k.md), complete trial 94bde25d, the best of its first 14
+    # trials: the values marked "lunar_100k" below are its own, to 3 significant digits. The best after 20 trials,
+    # ddd8badd, confirmed worse on the confirmation seeds (README), so the defaults stayed. The SPEC's originals:
+    # PRESETS["original"].
     tau: float = _option(0.00348, "soft target update factor, applied after every gradient step")  # lunar_100k (0.005)
     lr_actor: float = _option(1.38e-4, "Adam learning rate of the policy")  # lunar_100k (3e-4)
     lr_critic: float = _option(7.09e-4, "Adam learning rate of the critics")  # lunar_100k (3e-4)
