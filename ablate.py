@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description="Ablation study of SAC on Ray Tune: configurations x seeds of train.py.")
     add_study_flags(parser, DEFAULT_SETTINGS)
     parser.add_argument("--seeds", type=int, default=len(CONFIRMATION_SEEDS),
-                        help=f"seeds 0 .. N-1 per configuration, N at most {min(SEARCH_SEEDS)}: the search's seeds "
-                             f"are never used here (default: {len(CONFIRMATION_SEEDS)})")
+                        help=f"N seeds per configuration: --first-seed .. --first-seed + N - 1, all below "
+                             f"{min(SEARCH_SEEDS)}: the search's seeds are never used here (default: "
+                             f"{len(CONFIRMATION_SEEDS)})")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default: 0); e.g. 5 for seeds that an earlier confirmation on 0-4 "
+                             "has not seen")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all), or of the "
                              f"variants {', '.join(VARIANTS)}")
@@ -77,8 +81,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     """Parse and check the flags; any problem is one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
     check_study_args(args, parser, positive=("seeds",))
-    if args.seeds > min(SEARCH_SEEDS):
-        parser.error(f"--seeds {args.seeds} would reuse the search's seeds {SEARCH_SEEDS}: at most {min(SEARCH_SEEDS)}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.first_seed + args.seeds > min(SEARCH_SEEDS):
+        parser.error(f"seeds {args.first_seed} .. {args.first_seed + args.seeds - 1} would reuse the search's seeds "
+                     f"{SEARCH_SEEDS}: all must lie below {min(SEARCH_SEEDS)}")
     args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in args.configs if name not in CONFIGS | VARIANTS]
     if unknown or not args.configs:
@@ -152,7 +159,7 @@ def all_trial_flags(args: argparse.Namespace, settings: dict) -> dict[str, list[
     way still compares all configurations on the same seeds.
     """
     return {run_name(config, seed): train_flags(settings, config, seed, args.cpus_per_trial)
-            for seed in range(args.seeds) for config in args.configs}
+            for seed in range(args.first_seed, args.first_seed + args.seeds) for config in args.configs}
 
 
 def plan_trials(args: argparse.Namespace, settings: dict, study_dir: Path) -> dict[str, list[str]]:

@@ -250,6 +250,8 @@ def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subpr
     ("ablate.py", ["--train-args", "--batch-size 64 --buffer-size 32"],
      "--batch-size 64 is larger than --buffer-size 32"),
     ("ablate.py", ["--seeds", "101"], "would reuse the search's seeds"),
+    ("ablate.py", ["--first-seed", "98", "--seeds", "3"], "seeds 98 .. 100 would reuse the search's seeds"),
+    ("ablate.py", ["--first-seed", "-1"], "--first-seed must be >= 0"),
     ("search.py", ["--trials", "0"], "--trials must be positive"),
     ("search.py", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
     ("search.py", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
@@ -274,6 +276,9 @@ def test_ablate_runs_a_variant_only_when_asked() -> None:
                            "full__seed3", "bf16__seed3", "full__seed4", "bf16__seed4"]
     assert flags["bf16__seed0"][-4:] == ["--precision", "bf16", "--run-name", "bf16__seed0"]
     assert "--precision" not in flags["full__seed0"]
+    fresh = ablate.all_trial_flags(ablate.parse_args(parser, ["--configs", "full", "--first-seed", "5"]), settings)
+    assert list(fresh) == ["full__seed5", "full__seed6", "full__seed7", "full__seed8", "full__seed9"]
+    assert fresh["full__seed7"][fresh["full__seed7"].index("--seed") + 1] == "7"
 
 
 def test_search_and_confirmation_seeds_never_meet() -> None:
