@@ -276,7 +276,13 @@ def test_ablate_runs_a_variant_only_when_asked() -> None:
                            "full__seed3", "bf16__seed3", "full__seed4", "bf16__seed4"]
     assert flags["bf16__seed0"][-4:] == ["--precision", "bf16", "--run-name", "bf16__seed0"]
     assert "--precision" not in flags["full__seed0"]
-    fresh = ablate.all_trial_flags(ablate.parse_args(parser, ["--configs", "full", "--first-seed", "5"]), settings)
+
+
+def test_ablate_first_seed_shifts_every_trials_seed() -> None:
+    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    import ablate
+    args = ablate.parse_args(ablate.build_parser(), ["--configs", "full", "--first-seed", "5"])
+    fresh = ablate.all_trial_flags(args, {**ablate.DEFAULT_SETTINGS, "budget": 1000})
     assert list(fresh) == ["full__seed5", "full__seed6", "full__seed7", "full__seed8", "full__seed9"]
     assert fresh["full__seed7"][fresh["full__seed7"].index("--seed") + 1] == "7"
 
