@@ -4,11 +4,13 @@
     python ablate.py --name quick --budget 50000 --seeds 3 --configs full,no_per
     python ablate.py --address auto                        # on a running Ray cluster
     python ablate.py --name quick --aggregate-only         # table and plot of the finished runs so far
+    python ablate.py --name quick --aggregate-only --final-episodes 100   # and the final agents over 100 episodes
     python ablate.py --name confirm --configs full --budget 100000 --target-return auto   # a confirmation
 
 The study folder, its resumption and Ray are study_runner.py's (shared with search.py). The results:
 results.md (IQM and 95% bootstrap CI table) and curves.png, plus, when the trials stop at a
---target-return, the confirmation table of their 100-episode target checks. Re-running the same
+--target-return, the confirmation table of their 100-episode target checks, and with
+--final-episodes N the table of every final agent evaluated over N episodes. Re-running the same
 --name skips finished trials and resumes unfinished ones from their newest checkpoint; --budget,
 the evaluation flags, --target-return and --train-args are fixed by a study's first run, --seeds
 and --configs may grow.
@@ -17,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from sac_model import OneLineErrorParser
+import torch
+
+from sac_model import OneLineErrorParser, SACError, evaluate_final_agent, fail
 from study import (
-    CONFIRMATION_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table, load_study, markdown_table,
-    plot_curves, run_name,
+    CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table,
+    final_check_table, load_study, markdown_table, parse_run_name, plot_curves, run_name,
 )
 from study_runner import (
     CONFIRMATION_SEEDS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args,
@@ -48,6 +55,7 @@ VARIANTS = {
 # train their whole budget unless --target-return says otherwise (a confirmation).
 DEFAULT_SETTINGS = {"kind": "ablation", "budget": 200_000, "eval_every": 10, "eval_episodes": 10,
                     "target_return": "none", "train_args": []}
+FINAL_CHECKS_FILE = "final_checks.json"  # in the study folder: the final agents' evaluations, kept across re-runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated env steps of the table (default: 1/4, 1/2, 3/4 and all of the budget)")
     parser.add_argument("--threshold", type=float, default=200.0,
                         help="return whose first reaching is timed (default: 200, LunarLander solved)")
+    parser.add_argument("--final-episodes", type=int, default=0,
+                        help="also evaluate every finished run's final agent over N deterministic episodes on "
+                             "train.py's target-check seeds and add their table; kept in final_checks.json, so a "
+                             "re-run evaluates only new runs (default: 0, none)")
     return parser
 
 
@@ -83,6 +95,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     check_study_args(args, parser, positive=("seeds",))
     if args.first_seed < 0:
         parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.final_episodes < 0:
+        parser.error(f"--final-episodes must be >= 0, got {args.final_episodes}")
     if args.first_seed + args.seeds > min(SEARCH_SEEDS):
         parser.error(f"seeds {args.first_seed} .. {args.first_seed + args.seeds - 1} would reuse the search's seeds "
                      f"{SEARCH_SEEDS}: all must lie below {min(SEARCH_SEEDS)}")
@@ -189,10 +203,44 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     if settings["target_return"] != "none":
         table += "\n\n" + confirmation_table(load_study(study_dir, tag=TARGET_CHECK_TAG), args.threshold)
         notes += "\n\n" + CONFIRMATION_NOTES
+    if args.final_episodes:
+        returns = final_agent_returns(study_dir, args.final_episodes, args.max_concurrent or os.cpu_count() or 1)
+        by_config: dict[str, list[list[float]]] = {config: [] for config in curves}
+        for run in sorted(returns, key=lambda run: parse_run_name(run)[1]):  # seed order within a configuration
+            by_config.setdefault(parse_run_name(run)[0], []).append(returns[run])
+        table += "\n\n" + final_check_table(by_config, args.threshold)
+        notes += "\n\n" + FINAL_CHECK_NOTES
     (study_dir / "results.md").write_text(
         results_markdown(args.name, settings, table, notes, unfinished_runs(study_dir)))
     plot_curves(curves, study_dir / "curves.png", threshold=args.threshold)
     return table
+
+
+def final_agent_returns(study_dir: Path, episodes: int, workers: int) -> dict[str, list[float]]:
+    """Every finished run's final agent over `episodes` deterministic episodes (sac_model.evaluate_final_agent).
+
+    Kept in final_checks.json with the checkpoint's modification time: a re-run evaluates only the
+    runs finished since, or all of them when `episodes` changed.
+    """
+    path = study_dir / FINAL_CHECKS_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    finals = {final.parent.name: final for final in sorted((study_dir / "checkpoints").glob("*/final.pt"))
+              if parse_run_name(final.parent.name)}
+    stamp = {run: final.stat().st_mtime_ns for run, final in finals.items()}
+    todo = [run for run in finals
+            if known.get(run, {}).get("checkpoint_mtime_ns") != stamp[run] or len(known[run]["returns"]) != episodes]
+    if todo:
+        print(f"evaluating {len(todo)} final agents over {episodes} episodes each", flush=True)
+        # spawn, not fork: the parent may hold Ray's threads; each worker evaluates on one torch thread.
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for run, returns in zip(todo, pool.map(evaluate_final_agent, [finals[run] for run in todo],
+                                                   [episodes] * len(todo))):
+                known[run] = {"checkpoint_mtime_ns": stamp[run], "returns": returns}
+                path.with_suffix(".tmp").write_text(json.dumps(known, indent=1) + "\n")
+                path.with_suffix(".tmp").replace(path)  # an interrupted write never leaves half a file
+                print(f"final agent {run}: {sum(returns) / len(returns):.1f} over {episodes} episodes", flush=True)
+    return {run: known[run]["returns"] for run in finals}
 
 
 def results_markdown(name: str, settings: dict, table: str, notes: str, unfinished: dict[str, str]) -> str:
@@ -224,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         if pending:
             reasons = run_trials(args, study_dir, pending)
         lock.close()
-    print(write_results(args, settings, study_dir))
+    try:
+        print(write_results(args, settings, study_dir))
+    except SACError as error:  # a final.pt that is not this repository's agent, under --final-episodes
+        fail(str(error))
     print(f"wrote {study_dir / 'results.md'} and {study_dir / 'curves.png'}")
     for run, reason in reasons.items():
         print(f"unfinished {run}: {reason} (log: {study_dir / 'logs' / run}.log)", file=sys.stderr)

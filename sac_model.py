@@ -40,6 +40,10 @@ MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 RUNS_DIR = Path("runs")
 CHECKPOINTS_DIR = Path("checkpoints")
 LOCK_FILE = ".lock"  # in checkpoints/<run>/: held by the process that trains the run
+# Training resets from --seed once; evaluations and target checks use seeds of their own, disjoint from it
+# and from each other (as long as --eval-episodes stays below 1M).
+EVAL_SEED_OFFSET = 1_000_000
+TARGET_SEED_OFFSET = 2_000_000
 
 
 class SACError(Exception):
@@ -1101,6 +1105,32 @@ def evaluate_policy(agent: SACAgent, env: gym.Env, episodes: int, seed: int, det
         if on_episode_end is not None:
             on_episode_end(i, total)
     return returns
+
+
+def load_agent_and_env(path: str | Path, render_mode: str | None = None) -> tuple[SACAgent, gym.Env]:
+    """A saved agent and a fresh env of the kind it was trained on; CheckpointError if they do not fit."""
+    checkpoint = read_checkpoint(path)
+    agent = SACAgent.from_checkpoint(checkpoint)
+    env = make_env(agent.env_id, agent.config.max_steps, render_mode=render_mode)
+    try:
+        check_checkpoint_fits_env(checkpoint, env, path)
+    except CheckpointError:
+        env.close()
+        raise
+    return agent, env
+
+
+def evaluate_final_agent(path: str | Path, episodes: int) -> list[float]:
+    """Deterministic returns of a saved agent on its run's target-check seeds.
+
+    The evaluation train.py's --target-return check would have made, for runs that trained without
+    one (an ablation's): the same episode seeds, never used in training or its periodic evaluations.
+    """
+    agent, env = load_agent_and_env(path)
+    try:
+        return evaluate_policy(agent, env, episodes, agent.config.seed + TARGET_SEED_OFFSET)
+    finally:
+        env.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ first check at or above it, a seed that never got there counting as infinite; th
 return: the last check (a run that passes one stops there). Median and IQM [95% percentile-bootstrap
 CI, without interpolation] over seeds."""
 
+FINAL_CHECK_NOTES = """\
+Final-agent table: each finished run's final agent (`final.pt`) evaluated deterministically over
+the same episodes train.py's 100-episode target check uses (seeds `seed + 2,000,000` onwards, never
+seen in training or in the periodic evaluations), so its numbers compare with a confirmation's
+final agents. Per seed the mean return; the median and the IQM [95% percentile-bootstrap CI] over
+seeds; the seeds whose mean reached the threshold (solved at the end of the budget) and the
+episodes below 0 (a crash, or a hover until the time limit) out of all."""
+
 
 class Curve(NamedTuple):
     """The evaluation returns of one run, in step order."""
@@ -289,6 +297,23 @@ def confirmation_table(checks: dict[str, list[Curve]], threshold: float = 200.0,
                  format_estimate(estimate(steps, confidence, method="inverted_cdf"), format_step_count),
                  " / ".join(f"{r:.1f}" for r in final), f"{np.median(final):.1f}",
                  format_estimate(estimate(final, confidence))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def final_check_table(returns: dict[str, list[ArrayLike]], threshold: float = 200.0, confidence: float = 0.95) -> str:
+    """Markdown table of final agents' evaluations: per configuration, one array of episode returns per seed."""
+    episodes = {len(np.asarray(run)) for runs in returns.values() for run in runs}
+    count = str(episodes.pop()) if len(episodes) == 1 else "N"
+    header = ["configuration", "seeds", f"final agent's {count}-episode return, by seed", "median",
+              f"IQM [{confidence:.0%} CI]", f"seeds >= {threshold:g}", "episodes < 0"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for config, runs in returns.items():
+        means = np.array([np.mean(run) for run in runs])
+        below = sum(int(np.sum(np.asarray(run) < 0)) for run in runs)
+        cells = [config, str(len(runs)), " / ".join(f"{m:.1f}" for m in means), f"{np.median(means):.1f}",
+                 format_estimate(estimate(means, confidence)), f"{int(np.sum(means >= threshold))}/{len(runs)}",
+                 f"{below}/{sum(len(run) for run in runs)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -23,21 +23,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from sac_model import (
-    CHECKPOINTS_DIR, PRESETS, RUNS_DIR, OneLineErrorParser, SACAgent, SACConfig, SACError, TrainingDivergedError,
-    WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env, config_from_args, evaluate_policy,
-    fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer, make_env,
-    newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files,
-    resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
+    CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACAgent, SACConfig,
+    SACError, TrainingDivergedError, WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env,
+    config_from_args, evaluate_policy, fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run,
+    make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint,
+    refuse_existing_run, remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget,
+    target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
                       "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
-# Training resets from --seed once; evaluations and target checks use seeds of their own, disjoint from it
-# and from each other (as long as --eval-episodes stays below 1M).
-EVAL_SEED_OFFSET = 1_000_000
-TARGET_SEED_OFFSET = 2_000_000
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",

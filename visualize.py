@@ -20,8 +20,8 @@ import numpy as np
 from gymnasium.wrappers import RecordVideo
 
 from sac_model import (
-    CheckpointError, OneLineErrorParser, SACAgent, SACError, WriteError, check_checkpoint_fits_env, evaluate_policy,
-    fail, find_checkpoint, make_env, read_checkpoint,
+    CheckpointError, OneLineErrorParser, SACError, WriteError, evaluate_policy, fail, find_checkpoint,
+    load_agent_and_env,
 )
 
 # A LunarLander agent that ships with the repository, so there is something to watch before training.
@@ -113,13 +113,9 @@ def visualize(args: argparse.Namespace) -> None:
     if args.episodes <= 0:
         raise SACError(f"--episodes must be positive, got {args.episodes}")
     path = find_checkpoint(args.checkpoint) if args.checkpoint else newest_or_pretrained()
-    checkpoint = read_checkpoint(path)
-    agent = SACAgent.from_checkpoint(checkpoint)
-    config = agent.config
     # Frames are drawn off-screen; without this SDL looks for a display and prints a bogus error when headless.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    env = make_env(agent.env_id, config.max_steps, render_mode=None if args.no_video else "rgb_array")
-    check_checkpoint_fits_env(checkpoint, env, path)
+    agent, env = load_agent_and_env(path, render_mode=None if args.no_video else "rgb_array")
     if not args.no_video:
         folder = Path(args.video_folder)
         check_writable_folder(folder)

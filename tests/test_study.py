@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from sac_model import SACConfig
+from sac_model import TARGET_SEED_OFFSET, SACConfig, evaluate_policy, load_agent_and_env
 
 from study import (
-    Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, interquartile_mean, load_eval_curve,
-    load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold, trial_progress,
+    Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, final_check_table, interquartile_mean,
+    load_eval_curve, load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold,
+    trial_progress,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,6 +157,19 @@ def test_confirmation_table_times_the_first_passing_check_and_keeps_the_final_ag
     assert cells[5].startswith("not reached [2,000, ")  # the IQM of 3 seeds is their mean: infinite
     assert cells[6:8] == ["210.0 / 205.0 / 120.0", "205.0"]
     assert cells[8].startswith("178.3 [")  # (210 + 205 + 120) / 3
+
+
+def test_final_check_table_gives_each_seeds_mean_the_solved_seeds_and_the_episodes_below_zero() -> None:
+    returns = {"full": [[250.0, 150.0], [100.0, -20.0], [300.0, 300.0]], "no_per": [[-50.0, -150.0]]}
+    table = final_check_table(returns, threshold=200).splitlines()
+    assert table[0] == ("| configuration | seeds | final agent's 2-episode return, by seed | median | IQM [95% CI] "
+                        "| seeds >= 200 | episodes < 0 |")
+    full = [cell.strip() for cell in table[2].strip("|").split("|")]
+    assert full[:4] == ["full", "3", "200.0 / 40.0 / 300.0", "200.0"]
+    assert full[4].startswith("180.0 [")  # the IQM of 3 seeds is their mean
+    assert full[5:] == ["2/3", "1/6"]  # 200 counts as reached
+    assert [cell.strip() for cell in table[3].strip("|").split("|")] == [
+        "no_per", "1", "-100.0", "-100.0", "-100.0 [-100.0, -100.0]", "0/1", "2/2"]
 
 
 def test_area_under_curve_averages_the_curve_at_equally_spaced_steps() -> None:
@@ -320,6 +334,21 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "4 finished, 0 to resume, 0 to start" in second.stdout
     assert "started" not in second.stdout  # Ray launched nothing
     assert time.monotonic() - start < 60
+
+    # The final agents over 2 episodes: the target check's episodes, kept for the next call.
+    checked = run_study("ablate.py", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "evaluating 4 final agents over 2 episodes each" in checked.stdout
+    stored = json.loads((study / "final_checks.json").read_text())
+    assert sorted(stored) == sorted(runs) and all(len(entry["returns"]) == 2 for entry in stored.values())
+    agent, env = load_agent_and_env(study / "checkpoints" / "no_per__seed1" / "final.pt")
+    assert stored["no_per__seed1"]["returns"] == evaluate_policy(agent, env, 2, 1 + TARGET_SEED_OFFSET)
+    mean = np.mean(stored["no_per__seed1"]["returns"])
+    rows = [line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_per | 2 | ")]
+    assert len(rows) == 2 and f" / {mean:.1f} | " in rows[1]  # the final-agent row lists seed 1 after seed 0
+    again = run_study("ablate.py", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
+    assert again.returncode == 0 and "evaluating" not in again.stdout, again.stdout + again.stderr
+    assert (study / "results.md").read_text().count("final agent's 2-episode return") == 1
 
 
 def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
