@@ -400,3 +400,17 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming the search" in second.stdout and " started " not in second.stdout
     assert sorted(path.stem for path in (study / "trials").glob("*.json")) == trials
+
+
+def test_final_episodes_refuse_a_foreign_final_agent_in_one_line(tmp_path: Path) -> None:
+    final = tmp_path / "studies" / "junk" / "checkpoints" / "full__seed0" / "final.pt"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"not a checkpoint")
+    settings = {"kind": "ablation", "budget": 1000, "eval_every": 10, "eval_episodes": 10, "target_return": "none",
+                "train_args": []}
+    (final.parents[2] / "study.json").write_text(json.dumps(settings))
+    result = run_study("ablate.py", tmp_path, "--name", "junk", "--aggregate-only", "--final-episodes", "2",
+                       timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "final.pt: not a loadable checkpoint" in result.stderr, result.stderr
+    assert not (tmp_path / "studies" / "junk" / "final_checks.json").exists()
