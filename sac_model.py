@@ -104,7 +104,10 @@ class SACConfig:
     init_alpha: float = _option(0.2, "initial entropy temperature; log alpha is learned")
     start_steps: int = _option(1_000, "env steps of uniform random actions before the policy acts")  # lunar_100k (10k)
     update_after: int = _option(1_000, "env steps collected before the first gradient step")
-    update_every: int = _option(50, "env steps between update rounds; each round does as many gradient steps")
+    update_every: int = _option(50, "env steps between update rounds; each round does update-every x "
+                                    "updates-per-step gradient steps")
+    updates_per_step: int = _option(1, "gradient steps per env step (the update-to-data ratio); more reuse each "
+                                       "transition more, at that many times the update cost")
     grad_clip: float = _option(5.49, "max gradient norm for the policy, each critic and the temperature; "
                                      "0 disables")  # lunar_100k (1.0)
     lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
@@ -137,7 +140,7 @@ class SACConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
-        positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every",
+        positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every", "updates_per_step",
                     "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -183,7 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         env="LunarLanderContinuous-v3", episodes=1000, max_steps=None, total_steps=None, hidden_size=256,
         layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, tau=0.005,
         lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, init_alpha=0.2, start_steps=10_000, update_after=1_000,
-        update_every=50, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6, per_beta_start=0.4,
+        update_every=50, updates_per_step=1, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6,
+        per_beta_start=0.4,
         eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
     ),
 }

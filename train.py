@@ -112,17 +112,18 @@ def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) 
 
 
 def update_round(agent: SACAgent, buffer, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
-    """`update_every` gradient steps (update-to-data ratio 1), then log the last one's metrics."""
+    """The gradient steps owed to the last `update_every` env steps, then log the last one's metrics."""
     step = progress.global_step
     beta = per_beta(config, step) if config.buffer == "prioritized" else None
+    gradient_steps = config.update_every * config.updates_per_step
     try:
-        for _ in range(config.update_every):
+        for _ in range(gradient_steps):
             batch = buffer.sample(config.batch_size, beta or 1.0)
             metrics = agent.update(batch)
             buffer.update_priorities(batch.indices, metrics["priorities"])
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} at env step {step}") from None
-    progress.updates += config.update_every
+    progress.updates += gradient_steps
     log_update_metrics(writer, metrics, agent, beta, step)
 
 

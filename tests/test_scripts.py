@@ -252,6 +252,7 @@ def test_non_finite_training_stops_with_a_message_and_keeps_the_last_checkpoint(
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--updates-per-step", "0"], "--updates-per-step must be positive"),
     (["--buffer-size", "100", "--batch-size", "256"], "larger than --buffer-size"),
     (["--gamma", "1.5"], "--gamma must be in"),
     (["--hidden-size", "abc"], "invalid int value"),
@@ -347,6 +348,16 @@ def test_the_final_agent_is_always_evaluated(tmp_path: Path) -> None:
     assert [entry[0] for entry in training["eval_history"]] == [300]  # stopped mid-episode, before any periodic eval
     assert not training["episode_finished"]
     assert [e.step for e in scalar_tags(tmp_path / "runs" / "short").Scalars("eval/return_mean")] == [300]
+
+
+def test_updates_per_step_multiplies_the_gradient_steps_of_every_round(tmp_path: Path) -> None:
+    result = run_script("train.py", tmp_path, *SMALL, "--total-steps", "300", "--eval-every", "0",
+                        "--updates-per-step", "3", "--run-name", "utd3")
+    assert result.returncode == 0, result.stderr
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "utd3" / "final.pt")
+    # Rounds at env steps 200, 250 and 300, each 50 x 3 gradient steps; Adam counts the real ones.
+    assert checkpoint["training"]["updates"] == 450
+    assert {float(state["step"]) for state in checkpoint["agent"]["optimizers"]["critic"]["state"].values()} == {450.0}
 
 
 def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(trained_run: Path, tmp_path: Path) -> None:
@@ -462,7 +473,7 @@ SPEC_ORIGINAL = {
     "env": "LunarLanderContinuous-v3", "hidden_size": 256, "layer_norm": True, "buffer_size": 1_000_000,
     "batch_size": 256, "gamma": 0.99, "tau": 0.005, "lr_actor": 3e-4, "lr_critic": 3e-4, "lr_alpha": 3e-4,
     "init_alpha": 0.2, "episodes": 1000, "max_steps": None, "start_steps": 10_000, "update_after": 1000,
-    "update_every": 50, "grad_clip": 1.0, "lr_step_episodes": 100, "lr_gamma": 0.95, "per_alpha": 0.6,
+    "update_every": 50, "updates_per_step": 1, "grad_clip": 1.0, "lr_step_episodes": 100, "lr_gamma": 0.95, "per_alpha": 0.6,
     "per_beta_start": 0.4, "buffer": "prioritized", "checkpoint_every": 50, "seed": 0,
 }
 
