@@ -187,8 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, tau=0.005,
         lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, init_alpha=0.2, start_steps=10_000, update_after=1_000,
         update_every=50, updates_per_step=1, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6,
-        per_beta_start=0.4,
-        eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
+        per_beta_start=0.4, eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
     ),
 }
 
