@@ -114,11 +114,13 @@ def search_trial(params: dict, study_dir: str, settings: dict, threads: int, pol
         return trial_progress([Curve(seed, *reader.read()) for seed, reader in zip(SEARCH_SEEDS, readers)],
                               settings["budget"])
 
+    # The budget's own step is reported only once the runs have exited: ASHA stops a trial that reaches
+    # max_t, and stopping it while train.py still writes its final checkpoint would leave none.
     reported = 0
     while any(train.process.poll() is None for train in processes):
         time.sleep(poll_seconds)
         step, objective, latest = progress()
-        if step > reported and not math.isnan(objective):
+        if reported < step < settings["budget"] and not math.isnan(objective):
             tune.report({"step": step, "objective": objective, "eval_return": latest})
             reported = step
     outcomes = [train.wait() for train in processes]

@@ -391,6 +391,9 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     # Tune got the evaluations as they came (one per 200-step episode), not only at the end.
     reports = [json.loads(line) for line in next((study / "ray" / "tune").glob(f"*{baseline[0]}*/result.json")).open()]
     assert [r["step"] for r in reports][-1] == 600 and len(reports) >= 2
+    # The budget's step came with train.py's exit code: reported after the runs ended, so ASHA's stop at
+    # max_t cannot kill them before final.pt.
+    assert [r.get("exit_code") for r in reports] == [None] * (len(reports) - 1) + [0]
     table = (study / "results.md").read_text()
     assert table.count("| complete |") + table.count("| stopped |") == 3
     assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
