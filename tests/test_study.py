@@ -311,7 +311,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,no_per", "--max-concurrent", "1",
             "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
-                            "--start-steps 100 --update-after 100"]
+                            "--start-steps 100 --update-after 100 --no-compile"]
     runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
     first = run_study("ablate.py", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -375,7 +375,8 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
     from search import SEARCH_SPACE
     args = ["--name", "tiny", "--budget", "600", "--trials", "3", "--max-concurrent", "1", "--eval-every", "1",
-            "--eval-episodes", "1", "--poll-seconds", "0.5", "--train-args", "--env Pendulum-v1 --update-after 500"]
+            "--eval-episodes", "1", "--poll-seconds", "0.5",
+            "--train-args", "--env Pendulum-v1 --update-after 500 --no-compile"]
     first = run_study("search.py", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
