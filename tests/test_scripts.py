@@ -97,8 +97,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, co
 def trained_run(tmp_path_factory) -> Path:
     """One short Pendulum training shared by the tests that need a real run and checkpoint."""
     cwd = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", cwd, *SMALL, "--episodes", "10", "--checkpoint-every", "2",
-                        "--keep-checkpoints", "2", "--eval-every", "5", "--eval-episodes", "1", "--run-name", "small")
+    result = run_script("train.py", cwd, *SMALL, "--episodes", "6", "--checkpoint-every", "2",
+                        "--keep-checkpoints", "2", "--eval-every", "3", "--eval-episodes", "1", "--run-name", "small")
     assert result.returncode == 0, result.stderr
     assert "checkpoints/small/final.pt" in result.stdout
     return cwd
@@ -108,16 +108,16 @@ def test_train_writes_tensorboard_tags_and_checkpoints(trained_run: Path) -> Non
     events = scalar_tags(trained_run / "runs" / "small")
     assert EXPECTED_TAGS <= set(events.Tags()["scalars"])
     returns = events.Scalars("charts/episode_return")
-    assert [e.step for e in returns] == [200 * i for i in range(1, 11)]
-    assert [e.step for e in events.Scalars("eval/return_mean")] == [1000, 2000]
+    assert [e.step for e in returns] == [200 * i for i in range(1, 7)]
+    assert [e.step for e in events.Scalars("eval/return_mean")] == [600, 1200]
     # Periodic checkpoints pruned to the newest two; final.pt always kept.
     names = sorted(p.name for p in (trained_run / "checkpoints" / "small").glob("*.pt"))
-    assert names == ["final.pt", "step_000001600.pt", "step_000002000.pt"]
+    assert names == ["final.pt", "step_000000800.pt", "step_000001200.pt"]
     agent = SACAgent.load(trained_run / "checkpoints" / "small" / "final.pt")
     assert agent.env_id == "Pendulum-v1" and agent.config.hidden_size == 32
     training = read_checkpoint(trained_run / "checkpoints" / "small" / "final.pt")["training"]
-    assert training["global_step"] == 2000 and training["episode"] == 10
-    assert training["buffer"]["size"] == 2000
+    assert training["global_step"] == 1200 and training["episode"] == 6
+    assert training["buffer"]["size"] == 1200
 
 
 def test_visualize_writes_playable_mp4s_of_the_newest_checkpoint(trained_run: Path) -> None:
