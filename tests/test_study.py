@@ -249,10 +249,15 @@ def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ablate.py or search.py as a user would; skips the test without Ray (and Optuna for the search)."""
+def skip_without_study_requirements(script: str) -> None:
+    """Skip the test without Ray (and Optuna for the search): requirements-study.txt is optional."""
     pytest.importorskip("optuna" if script == "search.py" else "ray",
                         reason=f"{script} needs Ray and Optuna: pip install -r requirements-study.txt")
+
+
+def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ablate.py or search.py as a user would; skips the test without the study's requirements."""
+    skip_without_study_requirements(script)
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -274,8 +279,7 @@ def test_study_scripts_refuse_invalid_flags_in_one_line(tmp_path: Path, monkeypa
                                                         capsys: pytest.CaptureFixture, script: str, args: list[str],
                                                         fragment: str) -> None:
     # In the test's process: starting a Python that imports Ray costs ~5 s a case; the real command line is below.
-    pytest.importorskip("optuna" if script == "search.py" else "ray",
-                        reason=f"{script} needs Ray and Optuna: pip install -r requirements-study.txt")
+    skip_without_study_requirements(script)
     module = importlib.import_module(script.removesuffix(".py"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
