@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -81,56 +82,58 @@ class SACConfig:
 
     env: str = _option("LunarLanderContinuous-v3", "gymnasium environment id (Box observations and actions)")
     seed: int = _option(0, "seeds python, numpy, torch, the env and its action space")
-    episodes: int = _option(1000, "number of training episodes")
+    # The run's one budget is env steps; a run that reaches --target-return stops before it.
+    total_steps: int | None = _option(100_000, "most env steps a run takes (it stops earlier once solved); PER's "
+                                               "beta reaches 1 there")
+    episodes: int | None = _option(None, "optional cap on training episodes as well (default: none; whichever "
+                                         "of the two caps comes first ends the run)")
     max_steps: int | None = _option(None, "time limit of one episode in env steps (default: the env's own, 1000 for "
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
-    # Issue #10: the budget the search and the confirmation used (was None: 1000 episodes, about 210k steps).
-    # PER's beta anneals over it; a run not solved by then ends with its 100-episode check.
-    total_steps: int | None = _option(100_000, "cap on the total number of env steps; PER's beta reaches 1 there")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
     layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
     buffer: str = _option("prioritized", "replay buffer", choices=("prioritized", "uniform"))
     buffer_size: int = _option(1_000_000, "replay capacity (transitions)")
     batch_size: int = _option(256, "transitions per gradient step")
     gamma: float = _option(0.99, "discount factor")
-    # Issue #10, search lunar_100k (docs/search_lunar_100k.md), complete trial 94bde25d, the best of its first 14
-    # trials: the values marked "lunar_100k" below are its own, to 3 significant digits. The best after 20 trials,
-    # ddd8badd, confirmed worse on the confirmation seeds (README), so the defaults stayed. The SPEC's originals:
-    # PRESETS["original"].
-    tau: float = _option(0.00348, "soft target update factor, applied after every gradient step")  # lunar_100k (0.005)
-    lr_actor: float = _option(1.38e-4, "Adam learning rate of the policy")  # lunar_100k (3e-4)
-    lr_critic: float = _option(7.09e-4, "Adam learning rate of the critics")  # lunar_100k (3e-4)
-    lr_alpha: float = _option(2.36e-3, "Adam learning rate of the temperature")  # lunar_100k (3e-4)
+    n_step: int = _option(1, "env steps summed into each critic target before bootstrapping (n-step returns); "
+                             "1 is one-step SAC")
+    # Found by the hyperparameter search, docs/search_lunar_100k.md (trial 94bde25d); the value the design
+    # started from is in brackets, and all of them are in PRESETS["original"].
+    tau: float = _option(0.00348, "soft target update factor, applied after every gradient step")  # search (0.005)
+    lr_actor: float = _option(1.38e-4, "Adam learning rate of the policy")  # search (3e-4)
+    lr_critic: float = _option(7.09e-4, "Adam learning rate of the critics")  # search (3e-4)
+    lr_alpha: float = _option(2.36e-3, "Adam learning rate of the temperature")  # search (3e-4)
     init_alpha: float = _option(0.2, "initial entropy temperature; log alpha is learned")
-    start_steps: int = _option(1_000, "env steps of uniform random actions before the policy acts")  # lunar_100k (10k)
+    start_steps: int = _option(1_000, "env steps of uniform random actions before the policy acts")  # search (10k)
     update_after: int = _option(1_000, "env steps collected before the first gradient step")
     update_every: int = _option(50, "env steps between update rounds; each round does update-every x "
                                     "updates-per-step gradient steps")
     updates_per_step: int = _option(1, "gradient steps per env step (the update-to-data ratio); more reuse each "
                                        "transition more, at that many times the update cost")
     grad_clip: float = _option(5.49, "max gradient norm for the policy, each critic and the temperature; "
-                                     "0 disables")  # lunar_100k (1.0)
+                                     "0 disables")  # search (1.0)
     lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
-    lr_gamma: float = _option(0.872, "StepLR decay factor; 1 disables the schedule")  # lunar_100k (0.95)
-    # lunar_100k (0.6): nearly uniform sampling; the ablation (no_per) asks whether PER still pays.
-    per_alpha: float = _option(0.203, "prioritization exponent: sampling probability ~ priority^alpha")
+    lr_gamma: float = _option(0.872, "StepLR decay factor; 1 disables the schedule")  # search (0.95)
+    per_alpha: float = _option(0.203, "prioritization exponent: sampling probability ~ priority^alpha")  # search (0.6)
     per_beta_start: float = _option(0.674, "initial importance-sampling exponent, annealed linearly to 1 over the "
-                                          "run's step budget (--total-steps, else episodes x max steps)")  # lunar_100k
-    # Issue #10: the confirmation's evaluations (were 20 and 5): a solved agent is noticed within 10 episodes,
-    # and 10 episodes make a false alarm (a 100-episode check that fails) rarer.
+                                          "run's step budget (--total-steps, else episodes x max steps)")  # search
+    # Evaluating often with few episodes notices a solved agent early; the 100-episode check then decides.
     eval_every: int = _option(10, "deterministic evaluation every this many episodes; 0 disables")
     eval_episodes: int = _option(10, "episodes per evaluation")
     target_return: str = _option("auto", "stop when solved: when an evaluation's mean reaches this return, a "
-                                         "--target-episodes evaluation decides, and at or above it the run ends; "
-                                         "'auto': the env's registered reward threshold (200 for LunarLander, none "
-                                         "for Pendulum), 'none': never stop early")
-    target_episodes: int = _option(100, "episodes of the evaluation that decides whether --target-return is reached")
+                                         "check over --target-episodes fresh episodes decides; 'auto': the env's "
+                                         "registered reward threshold (200 for LunarLander, none for Pendulum), "
+                                         "'none': never stop early")
+    target_episodes: int = _option(100, "episodes of the check that decides whether --target-return is reached")
+    target_std_errors: float = _option(0.0, "the check passes when its mean minus this many standard errors of "
+                                            "that mean reaches --target-return (0: the mean alone)")
     checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
-    keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is always kept")
+    keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is "
+                                       "always kept")
     save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
     compile: bool = _option(True, "run the gradient step through torch.compile as one graph (falls back to eager "
-                                  "where no C++ compiler is found); the first compile takes about a minute, "
-                                  "later runs reuse inductor's on-disk cache")
+                                  "where no C++ compiler is found); the first compile takes 30-60 s, later runs "
+                                  "reuse inductor's on-disk cache")
     precision: str = _option("fp32", "dtype of the hidden layers' matrix products (bf16: about twice the matmul "
                                      "rate on CPUs with AVX512-BF16; activations, outputs, losses and Adam stay "
                                      "fp32)", choices=("fp32", "bf16"))
@@ -140,21 +143,24 @@ class SACConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
-        positive = ("episodes", "hidden_size", "buffer_size", "batch_size", "update_every", "updates_per_step",
+        positive = ("hidden_size", "buffer_size", "batch_size", "n_step", "update_every", "updates_per_step",
                     "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("start_steps", "update_after", "grad_clip", "per_alpha", "eval_every", "threads")
+        non_negative = ("start_steps", "update_after", "grad_clip", "per_alpha", "eval_every", "target_std_errors",
+                        "threads")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_actor", "lr_critic", "lr_alpha", "init_alpha"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("total_steps", "max_steps"):
+        for name in ("total_steps", "episodes", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.total_steps is None and self.episodes is None:
+            raise ConfigError("a run needs a budget: --total-steps or --episodes")
         if self.batch_size > self.buffer_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}")
         if not 0 < self.gamma <= 1:
@@ -184,7 +190,7 @@ class SACConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "original": dict(
         env="LunarLanderContinuous-v3", episodes=1000, max_steps=None, total_steps=None, hidden_size=256,
-        layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, tau=0.005,
+        layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, n_step=1, tau=0.005,
         lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, init_alpha=0.2, start_steps=10_000, update_after=1_000,
         update_every=50, updates_per_step=1, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6,
         per_beta_start=0.4, eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
@@ -231,11 +237,12 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: SACConfig | None
         extras = {k: v for k, v in f.metadata.items() if k != "help"}
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f.metadata["help"])
+                                help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
-        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {default})",
-                            **extras)
+        # A None default is explained by the help text itself ("default: ...").
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']}{shown}", **extras)
 
 
 def config_from_args(args: argparse.Namespace) -> SACConfig:
@@ -356,15 +363,17 @@ class Batch:
     rewards: torch.Tensor
     next_obs: torch.Tensor
     terminated: torch.Tensor
+    horizons: torch.Tensor  # env steps to the bootstrap state: n for n-step returns, fewer at an episode's end
     weights: torch.Tensor
     indices: np.ndarray
 
 
 class ReplayBuffer:
-    """Uniform replay over preallocated contiguous tensors (about 4*(2*obs+act+1)+1 bytes a transition).
+    """Uniform replay over preallocated contiguous tensors (about 4*(2*obs+act+2)+1 bytes a transition).
 
     Actions are stored normalized to [-1, 1], the policy's own range. `terminated` is stored apart
-    from time-limit truncation: only a real end stops bootstrapping.
+    from time-limit truncation: only a real end stops bootstrapping. A transition may span several
+    env steps (n-step returns, see NStepCollector): its `horizon` says how many.
     """
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: str | torch.device = "cpu",
@@ -376,6 +385,7 @@ class ReplayBuffer:
         self.rewards = torch.zeros(capacity, device=self.device)
         self.next_obs = torch.zeros(capacity, obs_dim, device=self.device)
         self.terminated = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.horizons = torch.ones(capacity, device=self.device)
         self.rng = np.random.default_rng(seed)
         self.pos = 0
         self.size = 0
@@ -390,17 +400,21 @@ class ReplayBuffer:
 
     def _columns(self) -> dict[str, torch.Tensor]:
         return {"obs": self.obs, "actions": self.actions, "rewards": self.rewards,
-                "next_obs": self.next_obs, "terminated": self.terminated}
+                "next_obs": self.next_obs, "terminated": self.terminated, "horizons": self.horizons}
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
-            terminated: bool) -> int:
-        """Store one transition, overwriting the oldest once full; returns its slot."""
+            terminated: bool, horizon: int = 1) -> int:
+        """Store one transition, overwriting the oldest once full; returns its slot.
+
+        `reward` is the (discounted) sum of the rewards of the `horizon` env steps from `obs` to `next_obs`.
+        """
         slot = self.pos
         self.obs[slot] = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1))
         self.actions[slot] = torch.as_tensor(np.asarray(action, dtype=np.float32).reshape(-1))
         self.rewards[slot] = float(reward)
         self.next_obs[slot] = torch.as_tensor(np.asarray(next_obs, dtype=np.float32).reshape(-1))
         self.terminated[slot] = bool(terminated)
+        self.horizons[slot] = float(horizon)
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
         return slot
@@ -414,7 +428,7 @@ class ReplayBuffer:
         idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
         return Batch(obs=self.obs[idx], actions=self.actions[idx], rewards=self.rewards[idx],
                      next_obs=self.next_obs[idx], terminated=self.terminated[idx].float(),
-                     weights=weights, indices=indices)
+                     horizons=self.horizons[idx], weights=weights, indices=indices)
 
     def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
         """Uniform replay has no priorities: nothing to do (and no device-to-host copy)."""
@@ -429,6 +443,7 @@ class ReplayBuffer:
         """Restore `state_dict()`; the capacity and shapes must match."""
         if state["capacity"] != self.capacity:
             raise CheckpointError(f"replay capacity {state['capacity']} does not match --buffer-size {self.capacity}")
+        state = {"horizons": torch.ones(state["size"]), **state}  # buffers saved before n-step returns: one step
         for name, column in self._columns().items():
             column[: state["size"]] = state[name].to(self.device)
         self.pos, self.size = state["pos"], state["size"]
@@ -533,9 +548,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         return super().nbytes + self.tree.nbytes
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
-            terminated: bool) -> int:
+            terminated: bool, horizon: int = 1) -> int:
         """Store a transition; its max priority enters the tree in one batch before the next sample."""
-        slot = super().add(obs, action, reward, next_obs, terminated)
+        slot = super().add(obs, action, reward, next_obs, terminated, horizon)
         self._new_slots.append(slot)
         return slot
 
@@ -578,6 +593,45 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.tree.update(np.arange(self.size), state["leaves"].numpy())
 
 
+class NStepCollector:
+    """Turns the env's one-step transitions into n-step ones for the replay buffer.
+
+    Each stored transition starts at s_t and bootstraps from s_{t+m}, with reward
+    r_t + gamma r_{t+1} + ... + gamma^(m-1) r_{t+m-1}; m = n inside an episode. At an episode's end
+    every pending start is stored with the steps it has left (m < n): after a termination it does not
+    bootstrap, after a time-limit cut it bootstraps from the last state, gamma^m-discounted. With
+    n = 1 each step is stored as it comes: one-step SAC.
+    """
+
+    def __init__(self, n_step: int, gamma: float) -> None:
+        self.n_step = n_step
+        self.gamma = gamma
+        self.pending: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
+
+    def push(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, terminated: bool,
+             truncated: bool) -> list[tuple]:
+        """The transitions that are complete after this env step, as `ReplayBuffer.add` arguments."""
+        self.pending.append((obs, action, float(reward)))
+        ready = []
+        if terminated or truncated:
+            while self.pending:
+                ready.append(self._oldest(next_obs, terminated))
+        elif len(self.pending) == self.n_step:
+            ready.append(self._oldest(next_obs, False))
+        return ready
+
+    def _oldest(self, next_obs: np.ndarray, terminated: bool) -> tuple:
+        """The oldest pending start as a transition to `next_obs`, removed from the pending ones."""
+        discounted = sum(self.gamma ** k * reward for k, (_, _, reward) in enumerate(self.pending))
+        horizon = len(self.pending)
+        obs, action, _ = self.pending.popleft()
+        return obs, action, discounted, next_obs, terminated, horizon
+
+    def clear(self) -> None:
+        """Forget the pending steps (a new episode starts without its predecessor's tail)."""
+        self.pending.clear()
+
+
 def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
     """The replay buffer the config asks for."""
     if config.buffer == "uniform":
@@ -587,9 +641,11 @@ def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.
 
 
 def step_budget(config: SACConfig) -> int:
-    """The most env steps a run can take: --total-steps if given and smaller, else episodes x max_steps."""
-    episodes_limit = config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT)
-    return min(config.total_steps or episodes_limit, episodes_limit)
+    """The most env steps a run can take: --total-steps, or --episodes x the time limit if that is smaller."""
+    caps = [config.total_steps]
+    if config.episodes is not None:
+        caps.append(config.episodes * (config.max_steps or DEFAULT_TIME_LIMIT))
+    return min(cap for cap in caps if cap is not None)
 
 
 def per_beta(config: SACConfig, step: int) -> float:
@@ -898,11 +954,16 @@ class SACAgent:
     # ---- learning ----
 
     def critic_targets(self, next_obs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
-                       noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """y = r + gamma (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s')."""
+                       horizons: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """y = r + gamma^m (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s').
+
+        m is the transition's horizon: 1 for one-step SAC; for n-step returns r is the discounted sum
+        of the m rewards between s and s'.
+        """
         next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise)
         next_q = self.critic_target(next_obs, next_action).min(0).values
-        return rewards + self.config.gamma * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+        discount = torch.pow(self.config.gamma, horizons)
+        return rewards + discount * (1.0 - terminated) * (next_q - alpha * next_log_prob)
 
     def critic_loss(self, critic_params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
                     targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -931,8 +992,8 @@ class SACAgent:
         same numbers. Nothing waits for the device: call `.item()` on the metrics only when logging.
         """
         noise = torch.randn(2, *batch.actions.shape, device=self.device)
-        inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.weights, noise,
-                  self._learning_rates)
+        inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.horizons,
+                  batch.weights, noise, self._learning_rates)
         try:
             return self._step(*inputs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -955,8 +1016,9 @@ class SACAgent:
 
     @torch.no_grad()
     def gradient_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                      next_obs: torch.Tensor, terminated: torch.Tensor, weights: torch.Tensor,
-                      noise: torch.Tensor, learning_rates: torch.Tensor) -> dict[str, torch.Tensor]:
+                      next_obs: torch.Tensor, terminated: torch.Tensor, horizons: torch.Tensor,
+                      weights: torch.Tensor, noise: torch.Tensor,
+                      learning_rates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Critics, then actor, then temperature, each a clipped Adam step; then the soft target update.
 
         A pure function of tensors with no host sync and no graph break, so torch.compile makes one
@@ -966,7 +1028,7 @@ class SACAgent:
         """
         actor_lr, critic_lr, alpha_lr = learning_rates
         alpha = self.log_alpha.exp()
-        targets = self.critic_targets(next_obs, rewards, terminated, noise[0], alpha)
+        targets = self.critic_targets(next_obs, rewards, terminated, horizons, noise[0], alpha)
 
         critic_params = dict(self.critic.named_parameters())
         grads, (_, (critic_losses, q_values)) = torch.func.grad_and_value(self.critic_loss, has_aux=True)(
@@ -990,6 +1052,7 @@ class SACAgent:
             "alpha": alpha,
             "mean_q": q_values.mean(),
             "entropy": -log_prob.mean(),
+            "horizon": horizons.mean(),
             "priorities": (q_values - targets).abs().mean(0) + PRIORITY_EPS,
         }
 

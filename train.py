@@ -26,7 +26,7 @@ from sac_model import (
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACAgent, SACConfig,
     SACError, TrainingDivergedError, WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env,
     config_from_args, evaluate_policy, fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run,
-    make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint,
+    NStepCollector, make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint,
     refuse_existing_run, remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget,
     target_return,
 )
@@ -38,7 +38,7 @@ RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", 
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
-    "entropy": "charts/entropy",
+    "entropy": "charts/entropy", "horizon": "charts/n_step_horizon",
 }
 
 
@@ -270,6 +270,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
     buffer = make_buffer(config, obs_dim, action_dim, device)
+    collector = NStepCollector(config.n_step, config.gamma)
     if config.compile:
         agent.compile_update()
     print(f"gradient step: {agent.step_runs}")
@@ -289,11 +290,13 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     stop = StopSignal()
     session_start, session_start_step = time.perf_counter(), progress.global_step
     episode_finished = True
+    compile_pending = agent.step_runs.startswith("compiled")  # torch.compile builds the step at its first call
     try:
-        while (progress.episode < config.episodes and progress.global_step < budget and stop.signum is None
-               and not solved(progress, config)):
+        while (progress.global_step < budget and (config.episodes is None or progress.episode < config.episodes)
+               and stop.signum is None and not solved(progress, config)):
             obs, _ = env.reset(seed=first_reset_seed)
             first_reset_seed = None
+            collector.clear()
             episode_return, episode_length = 0.0, 0
             while True:
                 if progress.global_step < config.start_steps:
@@ -301,7 +304,9 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
                 else:
                     env_action = agent.select_action(obs)
                 next_obs, reward, terminated, truncated, _ = env.step(env_action)
-                buffer.add(obs, agent.normalize_action(env_action), reward, next_obs, terminated)
+                for transition in collector.push(obs, agent.normalize_action(env_action), reward, next_obs,
+                                                 terminated, truncated):
+                    buffer.add(*transition)
                 obs = next_obs
                 episode_return += float(reward)
                 episode_length += 1
@@ -310,6 +315,10 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
 
                 step = progress.global_step
                 if step >= config.update_after and step % config.update_every == 0:
+                    if compile_pending:
+                        tqdm.write("compiling the gradient step before the first update: 30-60 s the first time, "
+                                   "seconds once inductor's cache holds it")
+                        compile_pending = False
                     update_round(agent, buffer, writer, config, progress)
                 episode_finished = terminated or truncated
                 if episode_finished or step >= budget or stop.signum is not None:
@@ -317,7 +326,8 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
             if episode_finished:
                 progress.episode += 1
                 finish_episode(agent, buffer, env, eval_env, writer, config, progress, episode_return,
-                               episode_length, recent_returns, bar, session_start, session_start_step)
+                               episode_length, bool(truncated and not terminated), recent_returns, bar, session_start,
+                               session_start_step)
         bar.close()
 
         if stop.signum is not None:
@@ -329,8 +339,9 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
             return 128 + stop.signum
         if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
             evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
-        if target_return(config) is not None and not solved(progress, config):
-            check_target(agent, eval_env, writer, config, progress)  # its --target-episodes mean, for the record
+        checked_now = bool(progress.target_checks) and progress.target_checks[-1][0] == progress.global_step
+        if target_return(config) is not None and not solved(progress, config) and not checked_now:
+            check_target(agent, eval_env, writer, config, progress, "the step budget is spent")  # for the record
         path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished, writer)
         print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
         return 0
@@ -354,33 +365,53 @@ def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: S
     writer.add_scalar("eval/return_std", np.std(returns), step)
 
 
+def check_lower_bound(check: list[float], config: SACConfig) -> float:
+    """A target check's mean minus --target-std-errors standard errors of that mean (check: [step, mean, std])."""
+    _, mean, std = check
+    return mean - config.target_std_errors * std / np.sqrt(config.target_episodes)
+
+
 def solved(progress: Progress, config: SACConfig) -> bool:
     """Whether the latest target check reached --target-return (never without a target)."""
     target = target_return(config)
-    return target is not None and bool(progress.target_checks) and progress.target_checks[-1][1] >= target
+    return (target is not None and bool(progress.target_checks)
+            and check_lower_bound(progress.target_checks[-1], config) >= target)
 
 
-def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
-    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes."""
-    returns = evaluate_policy(agent, eval_env, config.target_episodes, config.seed + TARGET_SEED_OFFSET)
+def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress,
+                 what: str) -> None:
+    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes.
+
+    Every check plays episodes no earlier check played: a run checked many times must not stop on the
+    one lucky set of start states it happened to be checked on.
+    """
+    tqdm.write(f"env step {progress.global_step}: {what}; checking it over {config.target_episodes} episodes")
+    first_seed = config.seed + TARGET_SEED_OFFSET + len(progress.target_checks) * config.target_episodes
+    returns = evaluate_policy(agent, eval_env, config.target_episodes, first_seed)
     step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
     progress.target_checks.append([step, mean, std])
+    lower = check_lower_bound(progress.target_checks[-1], config)
     writer.add_scalar("eval/target_check_mean", mean, step)
     writer.add_scalar("eval/target_check_std", std, step)
+    writer.add_scalar("eval/target_check_lower_bound", lower, step)
+    writer.add_scalar("eval/target_check_passed", float(solved(progress, config)), step)
     verdict = "solved" if solved(progress, config) else "not solved"
-    tqdm.write(f"env step {step}: {config.target_episodes}-episode evaluation {mean:.1f} +/- {std:.1f}, "
+    bound = f", lower bound {lower:.1f}" if config.target_std_errors else ""
+    tqdm.write(f"env step {step}: {config.target_episodes}-episode check {mean:.1f} +/- {std:.1f}{bound}, "
                f"{verdict} (target {target_return(config):g})")
 
 
 def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
-                   progress: Progress, episode_return: float, episode_length: int, recent_returns: deque,
-                   bar: tqdm, session_start: float, session_start_step: int) -> None:
+                   progress: Progress, episode_return: float, episode_length: int, time_limit_cut: bool,
+                   recent_returns: deque, bar: tqdm, session_start: float, session_start_step: int) -> None:
     """Episode bookkeeping: logs, LR schedule, evaluation (and target check), periodic checkpoint."""
     step = progress.global_step
     recent_returns.append(episode_return)
     steps_per_second = (step - session_start_step) / max(time.perf_counter() - session_start, 1e-9)
     writer.add_scalar("charts/episode_return", episode_return, step)
     writer.add_scalar("charts/episode_length", episode_length, step)
+    # 1 for an episode the time limit ended: on LunarLander, a lander that hovers instead of landing
+    writer.add_scalar("charts/episode_time_limit", float(time_limit_cut), step)
     writer.add_scalar("charts/steps_per_second", steps_per_second, step)
     if step >= config.update_after:
         agent.step_schedulers()
@@ -389,7 +420,8 @@ def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter
         evaluate_and_log(agent, eval_env, writer, config, progress)
         target = target_return(config)
         if target is not None and progress.eval_history[-1][1] >= target:
-            check_target(agent, eval_env, writer, config, progress)
+            check_target(agent, eval_env, writer, config, progress,
+                         f"the {config.eval_episodes}-episode evaluation reached {target:g}")
     if progress.eval_history:
         postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
     bar.set_postfix(postfix, refresh=False)

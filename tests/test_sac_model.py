@@ -33,6 +33,7 @@ from sac_model import (
     LOG_STD_MIN,
     Batch,
     CheckpointError,
+    NStepCollector,
     ConfigError,
     GaussianPolicy,
     PrioritizedReplayBuffer,
@@ -84,6 +85,7 @@ def random_batch(obs_dim: int, action_dim: int, size: int, seed: int = 0) -> Bat
                  rewards=torch.randn(size, generator=g),
                  next_obs=torch.randn(size, obs_dim, generator=g),
                  terminated=(torch.rand(size, generator=g) < 0.2).float(),
+                 horizons=torch.randint(1, 4, (size,), generator=g).float(),  # n-step returns, some cut short
                  weights=torch.ones(size),
                  indices=np.arange(size))
 
@@ -407,14 +409,14 @@ def test_uniform_state_dict_round_trip_holds_only_filled_part(tmp_path):
     fill(a, 37)
     a.sample(8)  # advance the RNG
     state = a.state_dict()
-    for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+    for name in ("obs", "actions", "rewards", "next_obs", "terminated", "horizons"):
         assert state[name].shape[0] == 37, name
     assert state["size"] == 37 and state["pos"] == 37 and state["capacity"] == 1000
     torch.save(state, tmp_path / "b.pt")
     b = ReplayBuffer(1000, 3, 1, seed=99)
     b.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     assert (len(b), b.pos) == (37, 37)
-    for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+    for name in ("obs", "actions", "rewards", "next_obs", "terminated", "horizons"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
     for _ in range(3):
         x, y = a.sample(32), b.sample(32)
@@ -586,8 +588,8 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
         q_before = agent.critic(batch.obs, batch.actions)
     torch.manual_seed(7)
     with torch.no_grad():
-        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, torch.randn(2, 32, 1)[0],
-                                       agent.alpha)
+        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons,
+                                       torch.randn(2, 32, 1)[0], agent.alpha)
     torch.manual_seed(7)  # the update draws the same noise, the next actions' first
     metrics = agent.update(batch)
     expected = (q_before - targets).abs().mean(0) + sac_model.PRIORITY_EPS
@@ -595,21 +597,102 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
     torch.testing.assert_close(metrics["critic1_loss"], (q_before[0] - targets).pow(2).mean())
 
 
-def test_critic_targets_bootstrap_only_when_not_terminated():
+def test_critic_targets_bootstrap_only_when_not_terminated_discounted_by_gamma_to_the_horizon():
     torch.manual_seed(0)
     agent = pendulum_agent(gamma=0.9)
     batch = random_batch(3, 1, 16, seed=3)
     batch.terminated = torch.tensor([1.0, 0.0] * 8)
+    batch.horizons = torch.tensor([1.0, 1.0, 3.0, 3.0] * 4)
     torch.manual_seed(1)
     with torch.no_grad():
-        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, torch.randn(16, 1),
-                                       agent.alpha)
+        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons,
+                                       torch.randn(16, 1), agent.alpha)
     torch.manual_seed(1)
     with torch.no_grad():
         next_action, next_log_prob = agent.actor.sample(batch.next_obs)
         soft = agent.critic_target(batch.next_obs, next_action).min(0).values - agent.alpha * next_log_prob
     torch.testing.assert_close(targets[::2], batch.rewards[::2])
-    torch.testing.assert_close(targets[1::2], batch.rewards[1::2] + 0.9 * soft[1::2])
+    one_step, three_step = slice(1, None, 4), slice(3, None, 4)
+    torch.testing.assert_close(targets[one_step], batch.rewards[one_step] + 0.9 * soft[one_step])
+    torch.testing.assert_close(targets[three_step], batch.rewards[three_step] + 0.729 * soft[three_step])
+
+
+def _push_episode(collector: NStepCollector, rewards: list[float], end: str) -> list[tuple]:
+    """Push an episode whose step t goes from obs [t] to [t + 1] with action [t / 10]; `end`: terminated,
+    truncated or open (the episode goes on)."""
+    stored = []
+    for t, reward in enumerate(rewards):
+        last = t == len(rewards) - 1
+        stored += collector.push(np.array([t]), np.array([t / 10]), reward, np.array([t + 1]),
+                                 terminated=last and end == "terminated", truncated=last and end == "truncated")
+    return stored
+
+
+def _as_rows(stored: list[tuple]) -> list[tuple]:
+    return [(int(obs[0]), float(action[0]), pytest.approx(reward), int(next_obs[0]), terminated, horizon)
+            for obs, action, reward, next_obs, terminated, horizon in stored]
+
+
+def test_n_step_collector_sums_discounted_rewards_as_computed_by_hand():
+    stored = _push_episode(NStepCollector(3, 0.9), [1.0, 2.0, 3.0, 4.0, 5.0], end="open")
+    assert _as_rows(stored) == [
+        (0, 0.0, 1 + 0.9 * 2 + 0.81 * 3, 3, False, 3),  # complete once the third step is in
+        (1, 0.1, 2 + 0.9 * 3 + 0.81 * 4, 4, False, 3),
+        (2, 0.2, 3 + 0.9 * 4 + 0.81 * 5, 5, False, 3),
+    ]
+
+
+def test_n_step_collector_ends_every_pending_start_at_the_episodes_end():
+    """A termination never bootstraps; a time-limit cut bootstraps from the last state, gamma^m-discounted
+    (terminated stays False, the horizon m says how far)."""
+    for end in ("terminated", "truncated"):
+        stored = _push_episode(NStepCollector(3, 0.5), [1.0, 2.0, 4.0, 8.0], end=end)
+        done = end == "terminated"
+        assert _as_rows(stored) == [
+            (0, 0.0, 1 + 0.5 * 2 + 0.25 * 4, 3, False, 3),
+            (1, 0.1, 2 + 0.5 * 4 + 0.25 * 8, 4, done, 3),
+            (2, 0.2, 4 + 0.5 * 8, 4, done, 2),
+            (3, 0.3, 8.0, 4, done, 1),
+        ]
+    # An episode shorter than n: both starts are stored at its end.
+    stored = _push_episode(NStepCollector(5, 0.5), [1.0, 2.0], end="truncated")
+    assert _as_rows(stored) == [(0, 0.0, 2.0, 2, False, 2), (1, 0.1, 2.0, 2, False, 1)]
+
+
+def test_one_step_collector_stores_each_transition_as_it_comes():
+    collector = NStepCollector(1, 0.99)
+    assert _as_rows(_push_episode(collector, [1.0, -2.0], end="open")) == [(0, 0.0, 1.0, 1, False, 1),
+                                                                           (1, 0.1, -2.0, 2, False, 1)]
+    collector.push(np.array([7]), np.array([0.0]), 1.0, np.array([8]), False, False)  # n = 1: nothing pending
+    assert not collector.pending
+
+
+def test_a_cleared_collector_does_not_carry_a_cut_episodes_tail_into_the_next():
+    collector = NStepCollector(3, 0.9)
+    _push_episode(collector, [1.0, 2.0], end="open")  # interrupted: the run stopped mid-episode
+    collector.clear()
+    assert _as_rows(_push_episode(collector, [5.0], end="terminated")) == [(0, 0.0, 5.0, 1, True, 1)]
+
+
+def test_n_step_transitions_reach_the_batch_with_their_horizons():
+    buffer = ReplayBuffer(16, 1, 1, seed=0)
+    for transition in _push_episode(NStepCollector(3, 0.9), [1.0, 1.0, 1.0, 1.0], end="truncated"):
+        buffer.add(*transition)
+    batch = buffer.sample(200)
+    horizon_of_start = {0: 3.0, 1: 3.0, 2: 2.0, 3: 1.0}
+    for obs, horizon, next_obs in zip(batch.obs[:, 0].tolist(), batch.horizons.tolist(), batch.next_obs[:, 0].tolist()):
+        assert horizon == horizon_of_start[int(obs)] and next_obs == min(obs + 3, 4)
+
+
+def test_a_buffer_saved_without_horizons_loads_as_one_step_transitions():
+    saved = ReplayBuffer(8, 3, 1)
+    fill(saved, 5)
+    state = saved.state_dict()
+    del state["horizons"]  # a checkpoint written before n-step returns existed
+    loaded = ReplayBuffer(8, 3, 1)
+    loaded.horizons.fill_(7.0)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.horizons[:5], torch.ones(5))
 
 
 def _flat_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -1045,7 +1128,8 @@ def test_check_checkpoint_fits_env_refuses_other_env(tmp_path):
     dict(buffer_size=-5), dict(hidden_size=0), dict(batch_size=-1), dict(episodes=0),
     dict(batch_size=512, buffer_size=100), dict(gamma=1.5), dict(gamma=0.0), dict(gamma=-0.1),
     dict(tau=0.0), dict(tau=2.0), dict(start_steps=-1), dict(lr_actor=0.0), dict(per_beta_start=1.5),
-    dict(max_steps=0), dict(buffer="ring"), dict(precision="fp16"),
+    dict(max_steps=0), dict(buffer="ring"), dict(precision="fp16"), dict(n_step=0), dict(target_std_errors=-1.0),
+    dict(total_steps=None, episodes=None),
 ])
 def test_config_validate_rejects_invalid_values(overrides):
     with pytest.raises(ConfigError):
@@ -1053,7 +1137,7 @@ def test_config_validate_rejects_invalid_values(overrides):
 
 
 def test_config_defaults_are_valid_and_are_a_complete_trial_of_the_search():
-    """Issue #10: the defaults are the values (3 significant digits) of the complete trial of the lunar_100k
+    """The defaults are the values (3 significant digits) of the complete trial of the lunar_100k
     search that SACConfig's comment names, as the committed results table lists them, with the method's
     components on. The SPEC's original values are the `original` preset, tested in test_scripts.py."""
     config = SACConfig()
@@ -1061,7 +1145,7 @@ def test_config_defaults_are_valid_and_are_a_complete_trial_of_the_search():
     assert config.env == "LunarLanderContinuous-v3"
     assert (config.buffer, config.layer_norm, config.gamma, config.init_alpha) == ("prioritized", True, 0.99, 0.2)
     assert (config.total_steps, config.eval_every, config.eval_episodes) == (100_000, 10, 10)  # the search's settings
-    trial = re.search(r"search lunar_100k \(docs/search_lunar_100k.md\), complete trial (\w+)",
+    trial = re.search(r"docs/search_lunar_100k.md \(trial (\w+)\)",
                       inspect.getsource(SACConfig)).group(1)
     table = [line.strip("| ").split(" | ") for line in
              (Path(__file__).parents[1] / "docs" / "search_lunar_100k.md").read_text().splitlines()

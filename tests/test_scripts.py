@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -31,7 +32,7 @@ EXPECTED_TAGS = {
     "losses/critic1", "losses/critic2", "losses/actor", "losses/alpha", "charts/alpha", "charts/mean_q",
     "charts/entropy", "charts/lr_actor", "charts/lr_critic", "charts/lr_alpha", "charts/per_beta",
     "charts/episode_return", "charts/episode_length", "charts/steps_per_second", "eval/return_mean",
-    "eval/return_std",
+    "eval/return_std", "charts/n_step_horizon", "charts/episode_time_limit",
 }
 
 
@@ -98,7 +99,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, co
 def trained_run(tmp_path_factory) -> Path:
     """One short Pendulum training shared by the tests that need a real run and checkpoint."""
     cwd = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", cwd, *SMALL, "--episodes", "6", "--checkpoint-every", "2",
+    result = run_script("train.py", cwd, *SMALL, "--episodes", "6", "--checkpoint-every", "2", "--n-step", "3",
                         "--keep-checkpoints", "2", "--eval-every", "3", "--eval-episodes", "1", "--run-name", "small")
     assert result.returncode == 0, result.stderr
     assert "checkpoints/small/final.pt" in result.stdout
@@ -118,7 +119,14 @@ def test_train_writes_tensorboard_tags_and_checkpoints(trained_run: Path) -> Non
     assert agent.env_id == "Pendulum-v1" and agent.config.hidden_size == 32
     training = read_checkpoint(trained_run / "checkpoints" / "small" / "final.pt")["training"]
     assert training["global_step"] == 1200 and training["episode"] == 6
-    assert training["buffer"]["size"] == 1200
+    assert training["buffer"]["size"] == 1200  # n-step returns store every step, the last two at the episode's end
+    # 3-step targets, except for the starts 1 or 2 steps before a time-limit cut (2 of every 200 per episode).
+    horizons = training["buffer"]["horizons"].tolist()
+    assert horizons.count(3.0) == 6 * 198 and horizons.count(2.0) == horizons.count(1.0) == 6
+    batch_horizons = [e.value for e in events.Scalars("charts/n_step_horizon")]
+    assert batch_horizons and all(2.9 < h <= 3.0 for h in batch_horizons)
+    # Pendulum has no terminal state: every episode ends at its time limit.
+    assert [e.value for e in events.Scalars("charts/episode_time_limit")] == [1.0] * 6
 
 
 def test_visualize_writes_playable_mp4s_of_the_newest_checkpoint(trained_run: Path) -> None:
@@ -450,7 +458,7 @@ def test_a_run_that_reaches_its_target_return_stops_early_with_a_final_agent(tmp
     result = run_script("train.py", tmp_path, *SMALL, "--episodes", "20", "--eval-every", "2", "--eval-episodes", "1",
                         "--target-return", "-10000", "--target-episodes", "3", "--run-name", "solved")
     assert result.returncode == 0, result.stderr
-    assert "3-episode evaluation" in result.stdout and "solved (target -10000)" in result.stdout
+    assert "3-episode check" in result.stdout and "solved (target -10000)" in result.stdout
     training = read_checkpoint(tmp_path / "checkpoints" / "solved" / "final.pt")["training"]
     assert training["global_step"] == 400 and training["episode"] == 2
     assert [check[0] for check in training["target_checks"]] == [400]
@@ -472,6 +480,24 @@ def test_a_run_below_its_target_trains_on_and_checks_its_final_agent(tmp_path: P
     assert resumed.returncode == 0, resumed.stderr
     training = read_checkpoint(tmp_path / "checkpoints" / "unsolved" / "final.pt")["training"]
     assert training["episode"] == 4 and [check[0] for check in training["target_checks"]] == [600]
+
+
+def test_each_target_check_plays_fresh_episodes_and_must_clear_the_target_by_its_lower_bound(tmp_path: Path) -> None:
+    """Two checks of one unchanging agent (no update ever runs) differ only if they play different episodes;
+    a lower bound 1000 standard errors below the mean fails a target that the mean alone passes."""
+    result = run_script("train.py", tmp_path, *SMALL, "--episodes", "4", "--update-after", "100000",
+                        "--eval-every", "2", "--eval-episodes", "1", "--target-return", "-10000",
+                        "--target-episodes", "3", "--target-std-errors", "1000", "--run-name", "strict")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("not solved (target -10000)") == 2  # at both evaluations, no third at the end
+    training = read_checkpoint(tmp_path / "checkpoints" / "strict" / "final.pt")["training"]
+    assert training["global_step"] == 800 and [check[0] for check in training["target_checks"]] == [400, 800]
+    (_, first_mean, _), (_, second_mean, std) = training["target_checks"]
+    assert first_mean > -10000 and second_mean > -10000 and first_mean != second_mean
+    events = scalar_tags(tmp_path / "runs" / "strict")
+    lower = events.Scalars("eval/target_check_lower_bound")[-1].value
+    assert lower == pytest.approx(second_mean - 1000 * std / np.sqrt(3), rel=1e-5)
+    assert [e.value for e in events.Scalars("eval/target_check_passed")] == [0.0, 0.0]
 
 
 # The SPEC's table of the original defaults, written out here rather than read from the code.
