@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from study import CurveReader  # noqa: E402
+from lab.tables import CurveReader  # noqa: E402
 
 
 def steady_rate(run_dir: Path, warmup_steps: int) -> float:

@@ -1,13 +1,14 @@
 """Ablation study of SAC's claimed improvements on Ray Tune: configurations x seeds of train.py.
 
-    python ablate.py                                       # 5 configurations x 5 seeds x 200k env steps
-    python ablate.py --name quick --budget 50000 --seeds 3 --configs full,no_per
-    python ablate.py --address auto                        # on a running Ray cluster
-    python ablate.py --name quick --aggregate-only         # table and plot of the finished runs so far
-    python ablate.py --name quick --aggregate-only --final-episodes 100   # and the final agents over 100 episodes
-    python ablate.py --name confirm --configs full --budget 100000 --target-return auto   # a confirmation
+    python -m lab.ablate                                   # 5 configurations x 5 seeds x 200k env steps
+    python -m lab.ablate --name quick --budget 50000 --seeds 3 --configs full,no_per
+    python -m lab.ablate --address auto                    # on a running Ray cluster
+    python -m lab.ablate --name quick --aggregate-only     # table and plot of the finished runs so far
+    python -m lab.ablate --name quick --aggregate-only --final-episodes 100   # and the final agents over 100 episodes
+    python -m lab.ablate --name confirm --configs full --budget 100000 --target-return auto   # a confirmation
 
-The study folder, its resumption and Ray are study_runner.py's (shared with search.py). The results:
+Run from the repository's root. The study folder, its resumption and Ray are lab.runner's (shared with
+lab.search); the statistics and tables lab.tables'. The results:
 results.md (IQM and 95% bootstrap CI table) and curves.png, plus, when the trials stop at a
 --target-return, the confirmation table of their 100-episode target checks, and with
 --final-episodes N the table of every final agent evaluated over N episodes. Re-running the same
@@ -29,11 +30,11 @@ from pathlib import Path
 import torch
 
 from sac_model import OneLineErrorParser, SACError, evaluate_final_agent, fail
-from study import (
+from lab.tables import (
     CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table,
     final_check_table, load_study, markdown_table, parse_run_name, plot_curves, run_name,
 )
-from study_runner import (
+from lab.runner import (
     CONFIRMATION_SEEDS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args,
     common_train_flags, init_ray, lock_study, refuse_foreign_trials, start_train, study_settings, trial_state, tune,
     tune_run_config, unfinished_runs,
@@ -63,7 +64,8 @@ FINAL_CHECKS_FILE = "final_checks.json"  # in the study folder: the final agents
 # --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description="Ablation study of SAC on Ray Tune: configurations x seeds of train.py.")
+    parser = OneLineErrorParser(prog="python -m lab.ablate",
+                                description="Ablation study of SAC on Ray Tune: configurations x seeds of train.py.")
     add_study_flags(parser, DEFAULT_SETTINGS)
     parser.add_argument("--seeds", type=int, default=len(CONFIRMATION_SEEDS),
                         help=f"N seeds per configuration: --first-seed .. --first-seed + N - 1, all below "
@@ -115,7 +117,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 
 def ablation_settings(args: argparse.Namespace, study_dir: Path, parser: argparse.ArgumentParser) -> dict:
-    """The study's fixed settings (see study_runner.study_settings), checked against the table's step points."""
+    """The study's fixed settings (see lab.runner.study_settings), checked against the table's step points."""
     settings = study_settings(args, study_dir, parser, DEFAULT_SETTINGS)
     if max(args.step_points or [0]) > settings["budget"]:
         parser.error(f"--step-points go beyond the budget of {settings['budget']} env steps")

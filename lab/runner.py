@@ -1,4 +1,4 @@
-"""What ablate.py and search.py share: a study folder of train.py trials run on Ray Tune.
+"""What lab.ablate and lab.search share: a study folder of train.py trials run on Ray Tune.
 
 A study lives in studies/<name>/: train.py's logs (runs/), checkpoints (checkpoints/), each trial's
 output (logs/<run>.log), Ray Tune's own records (ray/) and the settings it was first run with
@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,17 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
-from sac_model import CheckpointError, ConfigError, SACConfig, checkpoint_files, config_from_args, read_checkpoint
+from sac_model import CheckpointError, ConfigError, SACConfig, checkpoint_files, config_from_args, fail, read_checkpoint
 from train import RESUME_OVERRIDABLE, changed_flags, flags_given, parse_args as parse_train_args
 
 try:
     import ray
     from ray import tune
 except ImportError:
-    print(f"error: {Path(sys.argv[0]).name} needs Ray Tune: pip install -r requirements-study.txt", file=sys.stderr)
+    print("error: the study tools need Ray Tune: pip install -r requirements-study.txt", file=sys.stderr)
     sys.exit(2)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 STUDIES_DIR = Path("studies")
 # Seeds never cross between choosing hyperparameters and judging them: a search tunes on its own seeds,
 # the confirmation (and any ablation) runs on others, so the result is not fitted to the seeds it is judged on.
@@ -51,6 +52,8 @@ OWN_FLAGS = {"seed", "total_steps", "threads", "eval_every", "eval_episodes", "t
 # this many. Each checkpoint is written at an episode's end, so the resume is exact. --train-args may change it.
 CHECKPOINT_EVERY = 10
 PR_SET_PDEATHSIG = 1
+# Seconds to wait for a TCP answer at a host:port --address before calling the cluster unreachable.
+ADDRESS_TIMEOUT_S = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +92,26 @@ def check_study_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         args.train_args = None if args.train_args is None else shlex.split(args.train_args)
     except ValueError as error:
         parser.error(f"--train-args: {error}")
+    problem = None if args.aggregate_only or args.address is None else unreachable(args.address)
+    if problem:
+        parser.error(f"--address {args.address}: {problem}")
+
+
+def unreachable(address: str) -> str | None:
+    """Why no Ray cluster can answer at a host:port address, or None (also for "auto" and ray:// addresses).
+
+    Ray retries an address where nothing listens for many minutes before it gives up with a
+    traceback; one TCP connect tells at once, before the study folder is written.
+    """
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        return f"no Ray cluster answers there ({reason})"
+    return None
 
 
 def study_settings(args: argparse.Namespace, study_dir: Path, parser: argparse.ArgumentParser,
@@ -102,7 +125,7 @@ def study_settings(args: argparse.Namespace, study_dir: Path, parser: argparse.A
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
     if args.aggregate_only and not saved:
         parser.error(f"no study at {study_dir}/ (no study.json): run it first")
-    if saved and saved.get("kind", "ablation") != defaults["kind"]:  # studies from before search.py: ablations
+    if saved and saved.get("kind", "ablation") != defaults["kind"]:  # a study.json without a kind is an ablation's
         parser.error(f"study {args.name!r} is of kind {saved.get('kind', 'ablation')!r}, not {defaults['kind']!r}: "
                      "choose a new --name")
     settings = {"kind": defaults["kind"]}
@@ -269,7 +292,10 @@ class TrialProgress(tune.Callback):
 def init_ray(args: argparse.Namespace, cpus_per_trial: int) -> None:
     """Connect to the cluster at --address, or start a local Ray with room for the concurrent trials."""
     if args.address:
-        ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            ray.init(address=args.address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as error:  # e.g. --address auto where no cluster runs
+            fail(f"--address {args.address}: {str(error).splitlines()[0]}")
     else:
         concurrent = args.max_concurrent or max(1, available_cpus() // cpus_per_trial)
         ray.init(num_cpus=concurrent * cpus_per_trial, include_dashboard=False, log_to_driver=False,

@@ -1,20 +1,22 @@
 """Hyperparameter search for SAC on Ray Tune: Optuna proposes, ASHA stops the laggards early.
 
-    python search.py --name lunar_100k                      # 40 trials x 100k env steps x 2 seeds, local Ray
-    python search.py --name lunar_100k                      # again: resumes the search where it stopped
-    python search.py --name lunar_100k --aggregate-only     # the results table of the trials so far
-    python search.py --name lunar_100k --address auto       # on a running Ray cluster
+    python -m lab.search --name lunar_100k                  # 40 trials x 100k env steps x 2 seeds, local Ray
+    python -m lab.search --name lunar_100k                  # again: resumes the search where it stopped
+    python -m lab.search --name lunar_100k --aggregate-only # the results table of the trials so far
+    python -m lab.search --name lunar_100k --address auto   # on a running Ray cluster
+
+Run from the repository's root.
 
 A trial is one set of hyperparameters, trained by train.py on each search seed (SEARCH_SEEDS, never
 the confirmation's) at once. Its objective is the mean deterministic evaluation return over the run
-(the area under the evaluation curve, `study.area_under_curve`), averaged over the seeds: it rewards
+(the area under the evaluation curve, `lab.tables.area_under_curve`), averaged over the seeds: it rewards
 learning early as well as ending high. While the runs train, the trial reads their TensorBoard logs
 and reports each new evaluation to Tune, so ASHA can stop a trial whose objective so far trails the
 others at the same step. Optuna's TPE sampler proposes each new trial from the results so far; the
 first trial is the current defaults, as a baseline. The components (PER, LayerNorm, clipping, StepLR)
 stay on; their settings are searched.
 
-Everything lands in studies/<name>/ (see study_runner.py): trials/<trial>.json holds each trial's
+Everything lands in studies/<name>/ (see lab.runner): trials/<trial>.json holds each trial's
 hyperparameters, results.md the trials sorted by objective and the best as a train.py command line.
 Re-running the same --name restores the Tune experiment (Optuna's and ASHA's state included) and
 resumes interrupted trials from their runs' newest checkpoints; --budget, --trials, the evaluation
@@ -33,11 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from sac_model import OneLineErrorParser, SACConfig
-from study import (
+from lab.tables import (
     Curve, CurveReader, SearchTrial, area_under_curve, format_param, load_search, load_study, run_name, search_table,
     trial_progress,
 )
-from study_runner import (
+from lab.runner import (
     OWN_FLAGS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args, common_train_flags,
     init_ray, lock_study, start_train, study_settings, tune, tune_run_config,
 )
@@ -47,7 +49,7 @@ try:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 except ImportError:
-    print("error: search.py needs Optuna: pip install -r requirements-study.txt", file=sys.stderr)
+    print("error: python -m lab.search needs Optuna: pip install -r requirements-study.txt", file=sys.stderr)
     sys.exit(2)
 
 # The hyperparameters searched, by SACConfig field; the defaults (the first trial) must lie inside.
@@ -80,7 +82,8 @@ IMPORTANCE_QUANTILE, MIN_TRIALS_FOR_IMPORTANCE = 0.25, 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description="Hyperparameter search for SAC on Ray Tune (Optuna + ASHA).")
+    parser = OneLineErrorParser(prog="python -m lab.search",
+                                description="Hyperparameter search for SAC on Ray Tune (Optuna + ASHA).")
     add_study_flags(parser, DEFAULT_SETTINGS)
     parser.add_argument("--trials", type=int, default=None,
                         help=f"trials in all, the budget of the search (default: {DEFAULT_SETTINGS['trials']})")

@@ -4,7 +4,7 @@ The statistics follow Agarwal et al. (2021), "Deep Reinforcement Learning at the
 Statistical Precipice" (the rliable library): the interquartile mean (IQM) over runs, which ignores
 a lucky and an unlucky tail, with a 95% percentile-bootstrap confidence interval over runs.
 
-A study folder (written by `ablate.py` or `search.py`) holds `runs/<config>__seed<k>/` (TensorBoard
+A study folder (written by `lab.ablate` or `lab.search`) holds `runs/<config>__seed<k>/` (TensorBoard
 logs of train.py) and `checkpoints/<config>__seed<k>/`. An ablation aggregates only finished runs
 (with `final.pt`): an unfinished run's latest evaluation would otherwise stand in for steps it never
 trained. A search also lists the trials its scheduler stopped early, marked as such.

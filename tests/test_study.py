@@ -1,11 +1,13 @@
-"""Tests of the study tools: the statistics against hand-computed values, the aggregation of TensorBoard
-logs, and one tiny ablation study run end to end through ablate.py on a local Ray."""
+"""Tests of the study tools (lab/): the statistics against hand-computed values, the aggregation of
+TensorBoard logs, and tiny studies run end to end through `python -m lab.ablate` and `python -m lab.search`
+on a local Ray."""
 from __future__ import annotations
 
 import importlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sac_model import TARGET_SEED_OFFSET, SACConfig, evaluate_policy, load_agent_and_env
 
-from study import (
+from lab.tables import (
     Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, final_check_table, interquartile_mean,
     load_eval_curve, load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold,
     trial_progress,
@@ -214,8 +216,8 @@ def test_search_results_put_complete_trials_first_by_objective(tmp_path: Path) -
 
 def test_search_importance_ranks_the_hyperparameter_that_decides_the_first_rung(tmp_path: Path) -> None:
     """12 trials at the defaults but for lr_actor and batch_size; only lr_actor moves the return."""
-    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
-    import search
+    pytest.importorskip("optuna", reason="lab.search needs Ray and Optuna: pip install -r requirements-study.txt")
+    from lab import search
     rng = np.random.default_rng(0)
     (tmp_path / "trials").mkdir()
     for index in range(12):
@@ -249,62 +251,76 @@ def test_plot_curves_writes_a_png(synthetic_study: Path, tmp_path: Path) -> None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def skip_without_study_requirements(script: str) -> None:
+def skip_without_study_requirements(module: str) -> None:
     """Skip the test without Ray (and Optuna for the search): requirements-study.txt is optional."""
-    pytest.importorskip("optuna" if script == "search.py" else "ray",
-                        reason=f"{script} needs Ray and Optuna: pip install -r requirements-study.txt")
+    pytest.importorskip("optuna" if module == "lab.search" else "ray",
+                        reason=f"{module} needs Ray and Optuna: pip install -r requirements-study.txt")
 
 
-def run_study(script: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ablate.py or search.py as a user would; skips the test without the study's requirements."""
-    skip_without_study_requirements(script)
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run_study(module: str, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m lab.ablate` or `python -m lab.search` as a user would, but in `cwd` (where its studies/
+    folder goes) with the repository on the path; skips the test without the study's requirements."""
+    skip_without_study_requirements(module)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
 
 
-@pytest.mark.parametrize("script, args, fragment", [
-    ("ablate.py", ["--budget", "0"], "--budget must be positive"),
-    ("ablate.py", ["--configs", "full,no_such"], "unknown configuration 'no_such'"),
-    ("ablate.py", ["--train-args", "--seed 3"], "--train-args may not set --seed"),
-    ("ablate.py", ["--train-args", "--batch-size 64 --buffer-size 32"],
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("lab.ablate", ["--budget", "0"], "--budget must be positive"),
+    ("lab.ablate", ["--configs", "full,no_such"], "unknown configuration 'no_such'"),
+    ("lab.ablate", ["--train-args", "--seed 3"], "--train-args may not set --seed"),
+    ("lab.ablate", ["--train-args", "--batch-size 64 --buffer-size 32"],
      "--batch-size 64 is larger than --buffer-size 32"),
-    ("ablate.py", ["--seeds", "101"], "would reuse the search's seeds"),
-    ("ablate.py", ["--first-seed", "98", "--seeds", "3"], "seeds 98 .. 100 would reuse the search's seeds"),
-    ("ablate.py", ["--first-seed", "-1"], "--first-seed must be >= 0"),
-    ("search.py", ["--trials", "0"], "--trials must be positive"),
-    ("search.py", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
-    ("search.py", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
+    ("lab.ablate", ["--seeds", "101"], "would reuse the search's seeds"),
+    ("lab.ablate", ["--first-seed", "98", "--seeds", "3"], "seeds 98 .. 100 would reuse the search's seeds"),
+    ("lab.ablate", ["--first-seed", "-1"], "--first-seed must be >= 0"),
+    ("lab.search", ["--trials", "0"], "--trials must be positive"),
+    ("lab.search", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
+    ("lab.search", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
+    ("lab.search", ["--address", "127.0.0.1:{port}"], "no Ray cluster answers there"),
 ])
 def test_study_scripts_refuse_invalid_flags_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture, script: str, args: list[str],
+                                                        capsys: pytest.CaptureFixture, module: str, args: list[str],
                                                         fragment: str) -> None:
     # In the test's process: starting a Python that imports Ray costs ~5 s a case; the real command line is below.
-    skip_without_study_requirements(script)
-    module = importlib.import_module(script.removesuffix(".py"))
+    skip_without_study_requirements(module)
+    study_tool = importlib.import_module(module)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        module.main(args)
+        study_tool.main([arg.format(port=closed_port()) for arg in args])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2, stderr
     assert stderr.count("\n") == 1 and fragment in stderr, stderr
     assert not (tmp_path / "studies").exists()
 
 
-@pytest.mark.parametrize("script, args, fragment", [
-    ("ablate.py", ["--configs", "full,no_such"], "ablate.py: error: --configs: unknown configuration 'no_such'"),
-    ("search.py", ["--train-args", "--batch-size 64"], "search.py: error: --train-args may not set --batch-size"),
+@pytest.mark.parametrize("module, args, fragment", [
+    ("lab.ablate", ["--configs", "full,no_such"],
+     "python -m lab.ablate: error: --configs: unknown configuration 'no_such'"),
+    ("lab.search", ["--train-args", "--batch-size 64"],
+     "python -m lab.search: error: --train-args may not set --batch-size"),
+    # Ray itself would retry for minutes, then end in a traceback.
+    ("lab.ablate", ["--address", "127.0.0.1:{port}"], "python -m lab.ablate: error: --address 127.0.0.1:"),
 ])
-def test_study_commands_exit_2_with_one_line_on_stderr(tmp_path: Path, script: str, args: list[str],
+def test_study_commands_exit_2_with_one_line_on_stderr(tmp_path: Path, module: str, args: list[str],
                                                       fragment: str) -> None:
-    result = run_study(script, tmp_path, *args, timeout=120)
+    result = run_study(module, tmp_path, *(arg.format(port=closed_port()) for arg in args), timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     assert not (tmp_path / "studies").exists()
 
 
 def test_ablate_runs_a_variant_only_when_asked() -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
-    import ablate
+    pytest.importorskip("ray", reason="lab.ablate needs Ray: pip install -r requirements-study.txt")
+    from lab import ablate
     parser = ablate.build_parser()
     assert "bf16" not in ablate.parse_args(parser, []).configs  # the default study is the ablations
     args = ablate.parse_args(parser, ["--configs", "full,bf16"])
@@ -317,8 +333,8 @@ def test_ablate_runs_a_variant_only_when_asked() -> None:
 
 
 def test_ablate_first_seed_shifts_every_trials_seed() -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
-    import ablate
+    pytest.importorskip("ray", reason="lab.ablate needs Ray: pip install -r requirements-study.txt")
+    from lab import ablate
     args = ablate.parse_args(ablate.build_parser(), ["--configs", "full", "--first-seed", "5"])
     fresh = ablate.all_trial_flags(args, {**ablate.DEFAULT_SETTINGS, "budget": 1000})
     assert list(fresh) == ["full__seed5", "full__seed6", "full__seed7", "full__seed8", "full__seed9"]
@@ -326,8 +342,8 @@ def test_ablate_first_seed_shifts_every_trials_seed() -> None:
 
 
 def test_search_and_confirmation_seeds_never_meet() -> None:
-    pytest.importorskip("ray", reason="study_runner.py needs Ray: pip install -r requirements-study.txt")
-    from study_runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
+    pytest.importorskip("ray", reason="lab.runner needs Ray: pip install -r requirements-study.txt")
+    from lab.runner import CONFIRMATION_SEEDS, SEARCH_SEEDS
     assert not set(SEARCH_SEEDS) & set(CONFIRMATION_SEEDS)
 
 
@@ -337,7 +353,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
                             "--start-steps 100 --update-after 300 --no-compile"]
     runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
-    first = run_study("ablate.py", tmp_path, *args)
+    first = run_study("lab.ablate", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
     for run in runs:
@@ -351,7 +367,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "| full | 2 | " in table and "| no_per | 2 | " in table
     assert (study / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    second = run_study("ablate.py", tmp_path, *args)
+    second = run_study("lab.ablate", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     for run in runs:
         assert f"skipped  {run}: finished" in second.stdout
@@ -359,7 +375,7 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "started" not in second.stdout  # Ray launched nothing
 
     # The final agents over 2 episodes: the target check's episodes, kept for the next call.
-    checked = run_study("ablate.py", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
+    checked = run_study("lab.ablate", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "evaluating 4 final agents over 2 episodes each" in checked.stdout
     stored = json.loads((study / "final_checks.json").read_text())
@@ -369,13 +385,13 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     mean = np.mean(stored["no_per__seed1"]["returns"])
     rows = [line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_per | 2 | ")]
     assert len(rows) == 2 and f" / {mean:.1f} | " in rows[1]  # the final-agent row lists seed 1 after seed 0
-    again = run_study("ablate.py", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
+    again = run_study("lab.ablate", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
     assert again.returncode == 0 and "evaluating" not in again.stdout, again.stdout + again.stderr
     assert (study / "results.md").read_text().count("final agent's 2-episode return") == 1
 
 
 def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
-    pytest.importorskip("ray", reason="ablate.py needs Ray: pip install -r requirements-study.txt")
+    pytest.importorskip("ray", reason="lab.ablate needs Ray: pip install -r requirements-study.txt")
     train_args = "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 --start-steps 100"
     study = tmp_path / "studies" / "clash"
     study.mkdir(parents=True)
@@ -386,8 +402,8 @@ def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
     assert foreign.returncode == 0, foreign.stderr
     final = study / "checkpoints" / "full__seed0" / "final.pt"
     before = final.read_bytes()
-    result = run_study("ablate.py", tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1", "--configs", "full",
-                        "--train-args", train_args, timeout=120)
+    result = run_study("lab.ablate", tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1",
+                       "--configs", "full", "--train-args", train_args, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "is not this study's full__seed0: it was trained with --hidden-size 32, the study sets 16" in result.stderr
@@ -395,12 +411,12 @@ def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
 
 
 def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path: Path) -> None:
-    pytest.importorskip("optuna", reason="search.py needs Ray and Optuna: pip install -r requirements-study.txt")
-    from search import SEARCH_SPACE
+    pytest.importorskip("optuna", reason="lab.search needs Ray and Optuna: pip install -r requirements-study.txt")
+    from lab.search import SEARCH_SPACE
     args = ["--name", "tiny", "--budget", "600", "--trials", "3", "--max-concurrent", "1", "--eval-every", "1",
             "--eval-episodes", "1", "--poll-seconds", "0.5",
             "--train-args", "--env Pendulum-v1 --update-after 500 --no-compile"]
-    first = run_study("search.py", tmp_path, *args)
+    first = run_study("lab.search", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
     trials = sorted(path.stem for path in (study / "trials").glob("*.json"))
@@ -423,7 +439,7 @@ def test_tiny_search_reports_during_trials_writes_the_table_and_resumes(tmp_path
     assert "Best complete trial" in table and "python train.py --lr-actor " in first.stdout
     assert "Not computed: fewer than 8 trials" in table
 
-    second = run_study("search.py", tmp_path, *args)
+    second = run_study("lab.search", tmp_path, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming the search" in second.stdout and " started " not in second.stdout
     assert sorted(path.stem for path in (study / "trials").glob("*.json")) == trials
@@ -436,7 +452,7 @@ def test_final_episodes_refuse_a_foreign_final_agent_in_one_line(tmp_path: Path)
     settings = {"kind": "ablation", "budget": 1000, "eval_every": 10, "eval_episodes": 10, "target_return": "none",
                 "train_args": []}
     (final.parents[2] / "study.json").write_text(json.dumps(settings))
-    result = run_study("ablate.py", tmp_path, "--name", "junk", "--aggregate-only", "--final-episodes", "2",
+    result = run_study("lab.ablate", tmp_path, "--name", "junk", "--aggregate-only", "--final-episodes", "2",
                        timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "final.pt: not a loadable checkpoint" in result.stderr, result.stderr

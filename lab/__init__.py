@@ -1,0 +1,1 @@
+"""Study tooling: multi-seed ablations and confirmations (lab.ablate), the hyperparameter search (lab.search)."""
