@@ -1,0 +1,250 @@
+"""Confirm a design on fresh seeds: `python train.py --seed N` for each seed, a few at a time.
+
+    python -m lab.confirm --name confirm_40 --seeds 40-49 --commit
+
+Each seed is the run a user would start, plus `--threads 1` so that runs side by side share the cores
+fairly. As each run finishes, its final agent also plays episodes it never saw (seeds 1000-1099 by
+default) and its row enters docs/<name>.md (with the curves in docs/<name>.png); `--commit` commits
+that page at once, so a session that ends loses only the runs in flight. The same command resumes:
+finished seeds are kept, an interrupted one continues from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lab.tables import load_study, plot_curves, run_name
+from sac_model import (
+    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, checkpoint_files, evaluate_policy, fail,
+    load_agent_and_env, read_checkpoint, target_return,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_LABEL = "defaults"  # run folders are defaults__seed<N>, the name the study tables parse
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'40-49' or '40,41,45' -> the seeds, in order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise SACError(f"--seeds: expected a range like 40-49 or a list like 40,41, got {text!r}")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SACError(f"--seeds: expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="python -m lab.confirm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="study name: studies/<name>/ and docs/<name>.md")
+    parser.add_argument("--seeds", required=True, help="seeds never used before, e.g. 40-49")
+    parser.add_argument("--concurrent", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--train-args", default="", help="extra train.py flags (a pilot; a confirmation has none)")
+    parser.add_argument("--unseen-seed", type=int, default=1000, help="first episode seed of the unseen episodes")
+    parser.add_argument("--unseen-episodes", type=int, default=100, help="unseen episodes per final agent")
+    parser.add_argument("--stop-after-unsolved", type=int, default=0,
+                        help="start no new seed once this many have ended unsolved (a rule already lost); 0: never")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where <name>.md and .png go")
+    parser.add_argument("--commit", action="store_true", help="git-commit <name>.md and .png after each row")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the page from finished runs; run nothing")
+    return parser
+
+
+class Study:
+    """The study folder, its results file (per run: time segments and results) and its docs page."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name, self.args = name, args
+        self.folder = Path("studies") / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.folder / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+
+    def save(self) -> None:
+        self.results_path.write_text(json.dumps(self.results, indent=1))
+
+    def checkpoints(self, run: str) -> Path:
+        return self.folder / CHECKPOINTS_DIR / run
+
+    def finished(self, run: str) -> bool:
+        return run in self.results and "unseen" in self.results[run]
+
+    def command(self, seed: int) -> list[str]:
+        """train.py for this seed: a new run, or the resumption of an interrupted one."""
+        run = run_name(CONFIG_LABEL, seed)
+        train = [sys.executable, str(REPO / "train.py")]
+        if checkpoint_files(self.checkpoints(run)):
+            return [*train, "--resume", run, "--threads", "1"]
+        return [*train, "--seed", str(seed), "--threads", "1", "--run-name", run, *shlex.split(self.args.train_args)]
+
+    def start(self, seed: int) -> subprocess.Popen:
+        """Start a seed's run, logging to studies/<name>/<run>.log; an interrupted segment ends at its checkpoint."""
+        run = run_name(CONFIG_LABEL, seed)
+        record = self.results.setdefault(run, {"seed": seed, "segments": []})
+        newest = max(checkpoint_files(self.checkpoints(run)), key=lambda p: p.stat().st_mtime, default=None)
+        if record["segments"] and record["segments"][-1][1] is None:
+            # The session that ran it ended: what it cost is the time up to the checkpoint this run resumes from.
+            record["segments"][-1][1] = newest.stat().st_mtime if newest else record["segments"][-1][0]
+        record["segments"].append([time.time(), None])
+        self.save()
+        command = self.command(seed)
+        print(f"{time.strftime('%H:%M:%S')} start {run}: {shlex.join(command[1:])}", flush=True)
+        log = open(self.folder / f"{run}.log", "a")
+        return subprocess.Popen(command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+
+    def finish(self, seed: int, returncode: int) -> None:
+        """Record a finished run: wall time, steps, its last check, and its final agent on unseen episodes."""
+        run = run_name(CONFIG_LABEL, seed)
+        record = self.results[run]
+        record["segments"][-1][1] = time.time()
+        final = self.checkpoints(run) / "final.pt"
+        if returncode != 0 or not final.is_file():
+            self.save()
+            raise SACError(f"{run} exited with code {returncode}; see {self.folder / (run + '.log')}")
+        checkpoint = read_checkpoint(final)
+        training, config = checkpoint["training"], SACConfig(**checkpoint["metadata"]["config"])
+        record.update(steps=training["global_step"], cap=config.total_steps, checks=training["target_checks"],
+                      target=target_return(config), std_errors=config.target_std_errors,
+                      target_episodes=config.target_episodes)
+        agent, env = load_agent_and_env(final)
+        try:
+            record["unseen"] = evaluate_policy(agent, env, self.args.unseen_episodes, self.args.unseen_seed)
+        finally:
+            env.close()
+        self.save()
+        print(f"{time.strftime('%H:%M:%S')} done {run}: {row_cells(record)}", flush=True)
+
+
+def lower_bound(check: list[float], record: dict) -> float:
+    _, mean, std = check
+    return mean - record["std_errors"] * std / np.sqrt(record["target_episodes"])
+
+
+def solved_at(record: dict) -> int | None:
+    """The env step of the check that ended the run as solved; None for a run that reached its cap."""
+    last = record["checks"][-1] if record["checks"] else None
+    return last[0] if last and lower_bound(last, record) >= record["target"] else None
+
+
+def wall_minutes(record: dict) -> float:
+    return sum(end - start for start, end in record["segments"]) / 60
+
+
+def row_cells(record: dict) -> list[str]:
+    unseen = np.asarray(record["unseen"])
+    step = solved_at(record)
+    _, mean, std = record["checks"][-1] if record["checks"] else (None, float("nan"), float("nan"))
+    return [str(record["seed"]), f"{step:,}" if step else f"not solved ({record['steps']:,})",
+            f"{wall_minutes(record):.1f}", f"{mean:.1f} +/- {std:.1f}", str(len(record["checks"])),
+            f"{unseen.mean():.1f}", str(int((unseen >= 200).sum())), str(int((unseen < 0).sum()))]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def page(study: Study, seeds: list[int]) -> str:
+    """docs/<name>.md: the command, the rule's figures and one row per finished seed."""
+    args = study.args
+    records = [study.results[run_name(CONFIG_LABEL, s)] for s in seeds if study.finished(run_name(CONFIG_LABEL, s))]
+    command = f"python -m lab.confirm --name {study.name} --seeds {args.seeds}" + (
+        f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "")
+    lines = [f"# Study `{study.name}`", "",
+             f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
+             f"{' ' + args.train_args if args.train_args else ''}`, {args.concurrent} runs at a time on "
+             f"{cpu_name()} ({len(records)} of {len(seeds)} seeds finished).", "",
+             f"| seed | solved at env step | wall time (min) | last 100-episode check | checks | unseen episodes "
+             f"{args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | >= 200 | < 0 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(row_cells(record)) + " |" for record in records]
+    if records:
+        solved = [solved_at(r) for r in records]
+        steps = [s if s is not None else np.inf for s in solved]
+        minutes = [wall_minutes(r) for r in records]
+        unseen = [float(np.mean(r["unseen"])) for r in records]
+        median_steps = np.median(steps)
+        lines += ["", f"Solved: {sum(s is not None for s in solved)} of {len(records)}; median env steps to solved "
+                  f"{'not reached' if np.isinf(median_steps) else f'{median_steps:,.0f}'} (unsolved count as never); "
+                  f"wall time median {np.median(minutes):.1f} min, slowest {max(minutes):.1f} min; final agents on "
+                  f"unseen episodes: median {np.median(unseen):.1f}, lowest {min(unseen):.1f}."]
+    lines += ["", "Solved: the run stopped at a check (100 deterministic episodes it had not played) whose mean "
+              "minus the configured number of standard errors reached the target. Wall time: the train.py process, "
+              "compile included (a resumed run adds its second start).", "", f"![curves]({study.name}.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(study: Study, seeds: list[int]) -> list[Path]:
+    docs = study.args.docs_dir
+    docs.mkdir(parents=True, exist_ok=True)
+    paths = [docs / f"{study.name}.md"]
+    paths[0].write_text(page(study, seeds))
+    curves = load_study(study.folder, finished_only=True)
+    if curves:
+        paths.append(plot_curves(curves, docs / f"{study.name}.png", threshold=200.0))
+    return paths
+
+
+def commit(paths: list[Path], message: str) -> None:
+    relative = [str(p.resolve().relative_to(REPO)) for p in paths]
+    subprocess.run(["git", "add", *relative], cwd=REPO, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", *relative], cwd=REPO, check=True)
+
+
+def run(study: Study, seeds: list[int]) -> None:
+    """Run the unfinished seeds, `--concurrent` at a time, reporting each as it finishes."""
+    waiting = [s for s in seeds if not study.finished(run_name(CONFIG_LABEL, s))]
+    running: dict[int, subprocess.Popen] = {}
+    unsolved = sum(solved_at(study.results[run_name(CONFIG_LABEL, s)]) is None for s in seeds
+                   if study.finished(run_name(CONFIG_LABEL, s)))
+    while waiting or running:
+        limit = study.args.stop_after_unsolved
+        while waiting and len(running) < study.args.concurrent and not (limit and unsolved >= limit):
+            seed = waiting.pop(0)
+            running[seed] = study.start(seed)
+        if not running:
+            print(f"stopped: {unsolved} seeds ended unsolved (--stop-after-unsolved {limit})", flush=True)
+            return
+        time.sleep(5)
+        for seed, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[seed]
+            study.finish(seed, process.returncode)
+            record = study.results[run_name(CONFIG_LABEL, seed)]
+            unsolved += solved_at(record) is None
+            paths = write_report(study, seeds)
+            if study.args.commit:
+                commit(paths, f"{study.name}: seed {seed} finished ({' | '.join(row_cells(record))})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+        if args.concurrent <= 0 or args.unseen_episodes <= 0:
+            raise SACError("--concurrent and --unseen-episodes must be positive")
+        study = Study(args.name, args)
+        if not args.report_only:
+            run(study, seeds)
+        print(f"wrote {', '.join(str(p) for p in write_report(study, seeds))}")
+    except SACError as error:
+        fail(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

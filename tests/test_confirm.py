@@ -1,0 +1,57 @@
+"""lab.confirm end to end on Pendulum: real train.py runs side by side, a page of rows, resumption, the stop rule."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.confirm import parse_seeds
+from sac_model import SACError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ("--env Pendulum-v1 --hidden-size 32 --batch-size 32 --buffer-size 2000 --start-steps 100 --update-after 100 "
+        "--no-compile --eval-every 1 --eval-episodes 1 --target-episodes 2 --total-steps 400")
+
+
+def confirm(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lab.confirm", "--docs-dir", str(cwd / "docs"),
+                           "--unseen-episodes", "3", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_parse_seeds_accepts_ranges_and_lists_and_refuses_the_rest():
+    assert parse_seeds("40-43") == [40, 41, 42, 43] and parse_seeds("5,7-8") == [5, 7, 8]
+    for bad in ("", "a-b", "4,4", "3-"):
+        with pytest.raises(SACError):
+            parse_seeds(bad)
+
+
+def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(tmp_path: Path):
+    # Every Pendulum return is above -10,000: each run is solved at its first check (after episode 1, step 200).
+    result = confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--train-args",
+                     f"{TINY} --target-return -10000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("start defaults__seed") == 2 and result.stdout.count("done defaults__seed") == 2
+    page = (tmp_path / "docs" / "pilot.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| 3 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2 and all(row.split(" | ")[1] == "200" for row in rows)  # solved at env step 200
+    assert "Solved: 2 of 2; median env steps to solved 200" in page
+    assert (tmp_path / "docs" / "pilot.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "studies" / "pilot" / "results.json").read_text())
+    assert [len(results[f"defaults__seed{s}"]["unseen"]) for s in (3, 4)] == [3, 3]
+
+    again = confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--train-args", f"{TINY} --target-return -10000")
+    assert again.returncode == 0 and "start" not in again.stdout
+
+
+def test_the_stop_rule_starts_no_seed_after_the_last_unsolved_one_it_allows(tmp_path: Path):
+    # No Pendulum return reaches 0: every run ends unsolved at its 400-step cap.
+    result = confirm(tmp_path, "--name", "lost", "--seeds", "1-3", "--concurrent", "1", "--stop-after-unsolved", "1",
+                     "--train-args", f"{TINY} --target-return 0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("start defaults__seed") == 1 and "stopped: 1 seeds ended unsolved" in result.stdout
+    page = (tmp_path / "docs" / "lost.md").read_text()
+    assert "| 1 | not solved (400) |" in page and "Solved: 0 of 1" in page
