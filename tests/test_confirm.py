@@ -46,6 +46,16 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     again = confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--train-args", f"{TINY} --target-return -10000")
     assert again.returncode == 0 and "start" not in again.stdout
 
+    # lab.diagnose on one of these runs: Pendulum's one 200-step episode ended at its time limit, not in a crash.
+    run_dir = tmp_path / "studies" / "pilot" / "runs" / "defaults__seed3"
+    diagnosis = subprocess.run([sys.executable, "-m", "lab.diagnose", str(run_dir), "--window", "1000",
+                                "--crash-below", "-5000", "--png", str(tmp_path / "d.png")], cwd=tmp_path,
+                               capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert diagnosis.returncode == 0, diagnosis.stderr
+    row = next(line for line in diagnosis.stdout.splitlines() if line.startswith("| 0-1k |")).split(" | ")
+    assert row[1:4] == ["1", row[2], "1"] and row[4] == "100%" and row[5] == "0"
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
 
 def test_the_stop_rule_starts_no_seed_after_the_last_unsolved_one_it_allows(tmp_path: Path):
     # No Pendulum return reaches 0: every run ends unsolved at its 400-step cap.

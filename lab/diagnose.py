@@ -1,0 +1,112 @@
+"""How a run spent its env steps: landing, crashing or hovering until the time limit, window by window.
+
+    python -m lab.diagnose studies/diagnosis/runs/seed24 studies/diagnosis/runs/seed20 --png docs/failure.png
+
+For each run folder (TensorBoard events written by train.py) and each window of env steps: the episodes
+that ended in it, their mean return, how many the time limit ended (on LunarLander: a lander hovering
+for 1000 steps) and the share of the window's steps those took, how many crashed (return below
+--crash-below), and the temperature, policy entropy and mean Q logged there. Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lab.tables import CurveReader
+from sac_model import OneLineErrorParser, fail
+
+COLUMNS = ("window", "episodes", "mean return", "time-limit episodes", "their share of steps", "crashes", "alpha",
+           "entropy", "mean Q", "evaluation")
+
+
+def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    return CurveReader(run_dir, tag).read()
+
+
+def mean_between(steps: np.ndarray, values: np.ndarray, start: int, end: int) -> float:
+    """Mean of the values logged at steps in (start, end]; NaN if none were."""
+    inside = (steps > start) & (steps <= end)
+    return float(values[inside].mean()) if inside.any() else float("nan")
+
+
+def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int) -> list[list[str]]:
+    """One row per window of `window` env steps with at least one finished episode."""
+    steps, returns = scalars(run_dir, "charts/episode_return")
+    _, lengths = scalars(run_dir, "charts/episode_length")
+    _, cut = scalars(run_dir, "charts/episode_time_limit")
+    logged = {tag: scalars(run_dir, tag) for tag in ("charts/alpha", "charts/entropy", "charts/mean_q",
+                                                     "eval/return_mean")}
+    if cut.size != steps.size:  # a run logged before the time-limit tag existed: the episode length tells
+        cut = (lengths >= time_limit).astype(float)
+    rows = []
+    for start in range(0, int(steps.max(initial=0)) + 1, window):
+        inside = (steps > start) & (steps <= start + window)
+        if not inside.any():
+            continue
+        mean_of = {tag: mean_between(s, values, start, start + window) for tag, (s, values) in logged.items()}
+        cut_steps = lengths[inside & (cut > 0)].sum()
+        rows.append([f"{start // 1000}-{(start + window) // 1000}k", str(int(inside.sum())),
+                     f"{returns[inside].mean():.1f}", str(int(cut[inside].sum())),
+                     f"{cut_steps / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
+                     f"{mean_of['charts/alpha']:.3f}", f"{mean_of['charts/entropy']:.2f}",
+                     f"{mean_of['charts/mean_q']:.1f}", f"{mean_of['eval/return_mean']:.1f}"])
+    return rows
+
+
+def markdown(run_dir: Path, rows: list[list[str]]) -> str:
+    lines = [f"`{run_dir}`", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot(run_dirs: list[Path], path: Path, smooth: int) -> Path:
+    """Per run: episode return and episode length over env steps (moving averages over `smooth` episodes)."""
+    figure = Figure(figsize=(10, 6), dpi=100)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    kernel = np.ones(smooth) / smooth
+    for run_dir in run_dirs:
+        steps, returns = scalars(run_dir, "charts/episode_return")
+        _, lengths = scalars(run_dir, "charts/episode_length")
+        if steps.size < smooth:
+            continue
+        line, = top.plot(steps[smooth - 1:], np.convolve(returns, kernel, "valid"), label=run_dir.name)
+        bottom.plot(steps[smooth - 1:], np.convolve(lengths, kernel, "valid"), color=line.get_color())
+    top.axhline(200, color="gray", linestyle="--", linewidth=0.8)
+    top.set(ylabel=f"episode return ({smooth}-episode mean)", title="training episodes: return and length")
+    bottom.set(xlabel="env steps", ylabel=f"episode length ({smooth}-episode mean)")
+    for axes in (top, bottom):
+        axes.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineErrorParser(prog="python -m lab.diagnose", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="TensorBoard run folders (runs/<name>)")
+    parser.add_argument("--window", type=int, default=10_000, help="env steps per row")
+    parser.add_argument("--crash-below", type=float, default=-100.0, help="an episode below this return crashed")
+    parser.add_argument("--time-limit", type=int, default=1000,
+                        help="for runs logged without charts/episode_time_limit: episodes this long count as cut")
+    parser.add_argument("--png", type=Path, default=None, help="also plot returns and lengths of the runs here")
+    parser.add_argument("--smooth", type=int, default=20, help="episodes per moving average in the plot")
+    args = parser.parse_args(argv)
+    missing = [str(run) for run in args.runs if not run.is_dir()]
+    if missing:
+        fail(f"no run folder {missing[0]}")
+    if args.window <= 0 or args.smooth <= 0:
+        fail("--window and --smooth must be positive")
+    for run_dir in args.runs:
+        print(markdown(run_dir, window_rows(run_dir, args.window, args.crash_below, args.time_limit)), end="\n\n")
+    if args.png:
+        print(f"wrote {plot(args.runs, args.png, args.smooth)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
