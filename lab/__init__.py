@@ -1,1 +1,2 @@
-"""Study tooling: multi-seed ablations and confirmations (lab.ablate), the hyperparameter search (lab.search)."""
+"""Study tools, run from the repository's root: python -m lab.ablate (ablations), lab.search (the
+hyperparameter search), lab.confirm (confirmations on fresh seeds)."""

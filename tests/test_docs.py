@@ -1,0 +1,67 @@
+"""The documentation's links: every relative link and image in README.md and docs/ points to a file
+(and heading) that exists, and the README cites no issue numbers. Reads files only; no training."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
+ISSUE_REFERENCE = re.compile(r"(?<![&\w])#\d+\b")
+
+
+def prose(text: str) -> str:
+    """The Markdown without its fenced code blocks and inline code spans, where brackets are not links."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
+
+
+def anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub gives a Markdown page: lower case, punctuation dropped, spaces to hyphens."""
+    slugs: set[str] = set()
+    for line in FENCE.sub("", page.read_text()).splitlines():
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            title = re.sub(r"[`*_]", "", heading.group(1)).lower()
+            slugs.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return slugs
+
+
+def broken_links(page: Path) -> list[str]:
+    """Each relative link or image of `page` whose file, or whose heading in a Markdown file, does not exist."""
+    broken = []
+    for target in LINK.findall(prose(page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: and the like: not this repository's files
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no file {file.relative_to(REPO) if file.is_relative_to(REPO) else file})")
+        elif fragment and file.suffix == ".md" and fragment not in anchors(file):
+            broken.append(f"{target} (no heading #{fragment} in {file.name})")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_relative_link_and_image_resolves(page: Path) -> None:
+    assert broken_links(page) == [], page
+
+
+def test_a_broken_link_or_heading_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "there.png").write_bytes(b"")
+    (tmp_path / "other.md").write_text("# A page\n\n## The flags you will change most\n")
+    page = tmp_path / "page.md"
+    page.write_text("![ok](there.png) ![gone](curves.png) [ok](other.md#the-flags-you-will-change-most)\n"
+                    "[bad](other.md#no-such-heading) [web](https://example.com/x.png)\n"
+                    "```bash\n[not a link](nowhere.md)\n```\n`[code](nowhere.md)`\n")
+    assert broken_links(page) == [f"curves.png (no file {tmp_path / 'curves.png'})",
+                                  "other.md#no-such-heading (no heading #no-such-heading in other.md)"]
+
+
+def test_readme_cites_no_issue_numbers() -> None:
+    assert ISSUE_REFERENCE.findall((REPO / "README.md").read_text()) == []
+    assert ISSUE_REFERENCE.findall("fixed in issue #10, see #3") == ["#10", "#3"]
+    assert ISSUE_REFERENCE.findall("[What to expect](#what-to-expect) &#39;") == []
