@@ -184,7 +184,7 @@ class SACConfig:
 
 
 # Named sets of defaults for train.py's --preset; flags given on the command line still win.
-# "original": the configuration this repository started from (the SPEC's table), pinned value by value
+# "original": the configuration this repository started from (docs/defaults.md), pinned value by value
 # so that it survives later changes of SACConfig's defaults. It trains its full budget: stopping when
 # solved (--target-return) came later, so the original runs without it.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -34,7 +34,7 @@ from sac_model import (
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
-                      "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
+                      "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
@@ -70,7 +70,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="start from a named set of defaults; flags given still win. 'original': the "
-                             "configuration the repository started from (the SPEC's table), without --target-return")
+                             "configuration the repository started from (docs/defaults.md), without --target-return")
     add_config_flags(parser, SACConfig(**PRESETS[preset]) if preset else None)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")

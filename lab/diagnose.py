@@ -27,6 +27,15 @@ def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return CurveReader(run_dir, tag).read()
 
 
+def episodes(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """End step, return and length of every episode whose return and length are both logged (a run still
+    writing may have logged one and not yet the other)."""
+    steps, returns = scalars(run_dir, "charts/episode_return")
+    length_steps, lengths = scalars(run_dir, "charts/episode_length")
+    both = np.isin(steps, length_steps)
+    return steps[both], returns[both], lengths[np.isin(length_steps, steps)]
+
+
 def mean_between(steps: np.ndarray, values: np.ndarray, start: int, end: int) -> float:
     """Mean of the values logged at steps in (start, end]; NaN if none were."""
     inside = (steps > start) & (steps <= end)
@@ -35,12 +44,13 @@ def mean_between(steps: np.ndarray, values: np.ndarray, start: int, end: int) ->
 
 def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int) -> list[list[str]]:
     """One row per window of `window` env steps with at least one finished episode."""
-    steps, returns = scalars(run_dir, "charts/episode_return")
-    _, lengths = scalars(run_dir, "charts/episode_length")
-    _, cut = scalars(run_dir, "charts/episode_time_limit")
+    steps, returns, lengths = episodes(run_dir)
+    cut_steps, cut = scalars(run_dir, "charts/episode_time_limit")
     logged = {tag: scalars(run_dir, tag) for tag in ("charts/alpha", "charts/entropy", "charts/mean_q",
                                                      "eval/return_mean")}
-    if cut.size != steps.size:  # a run logged before the time-limit tag existed: the episode length tells
+    if cut.size:
+        cut = np.isin(steps, cut_steps[cut > 0]).astype(float)
+    else:  # a run logged before the time-limit tag existed: the episode length tells
         cut = (lengths >= time_limit).astype(float)
     rows = []
     for start in range(0, int(steps.max(initial=0)) + 1, window):
@@ -48,10 +58,10 @@ def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int)
         if not inside.any():
             continue
         mean_of = {tag: mean_between(s, values, start, start + window) for tag, (s, values) in logged.items()}
-        cut_steps = lengths[inside & (cut > 0)].sum()
+        steps_cut = lengths[inside & (cut > 0)].sum()
         rows.append([f"{start // 1000}-{(start + window) // 1000}k", str(int(inside.sum())),
                      f"{returns[inside].mean():.1f}", str(int(cut[inside].sum())),
-                     f"{cut_steps / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
+                     f"{steps_cut / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
                      f"{mean_of['charts/alpha']:.3f}", f"{mean_of['charts/entropy']:.2f}",
                      f"{mean_of['charts/mean_q']:.1f}", f"{mean_of['eval/return_mean']:.1f}"])
     return rows
@@ -68,8 +78,7 @@ def plot(run_dirs: list[Path], path: Path, smooth: int) -> Path:
     top, bottom = figure.subplots(2, 1, sharex=True)
     kernel = np.ones(smooth) / smooth
     for run_dir in run_dirs:
-        steps, returns = scalars(run_dir, "charts/episode_return")
-        _, lengths = scalars(run_dir, "charts/episode_length")
+        steps, returns, lengths = episodes(run_dir)
         if steps.size < smooth:
             continue
         line, = top.plot(steps[smooth - 1:], np.convolve(returns, kernel, "valid"), label=run_dir.name)
