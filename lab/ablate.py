@@ -1,7 +1,7 @@
 """Ablation study of SAC's claimed improvements on Ray Tune: configurations x seeds of train.py.
 
     python -m lab.ablate                                   # 5 configurations x 5 seeds x 200k env steps
-    python -m lab.ablate --name quick --budget 50000 --seeds 3 --configs full,no_per
+    python -m lab.ablate --name quick --budget 50000 --seeds 3 --configs full,with_per
     python -m lab.ablate --address auto                    # on a running Ray cluster
     python -m lab.ablate --name quick --aggregate-only     # table and plot of the finished runs so far
     python -m lab.ablate --name quick --aggregate-only --final-episodes 100   # and the final agents over 100 episodes
@@ -40,13 +40,15 @@ from lab.runner import (
     tune_run_config, unfinished_runs,
 )
 
-# Each claimed improvement, switched off on its own; "full" is the method as the repository ships it.
+# Each component switched the other way on its own; "full" is the method as the repository ships it (with
+# uniform replay and a constant learning rate: PER and StepLR are what a user can turn on).
 CONFIGS = {
     "full": [],
-    "no_per": ["--buffer", "uniform"],
+    "with_per": ["--buffer", "prioritized"],
+    "with_lr_schedule": ["--lr-gamma", "0.872"],  # the search's StepLR factor, every 100 episodes
+    "no_n_step": ["--n-step", "1"],
     "no_layer_norm": ["--no-layer-norm"],
     "no_grad_clip": ["--grad-clip", "0"],
-    "no_lr_schedule": ["--lr-gamma", "1"],
 }
 # Other ways to run the same method, compared only when --configs names them (never part of the default study).
 VARIANTS = {

@@ -198,9 +198,18 @@ def write_report(study: Study, seeds: list[int]) -> list[Path]:
 
 
 def commit(paths: list[Path], message: str) -> None:
+    """Commit the page and its plot, and nothing else that is staged; a failure (another git command holding
+    the index, say) is retried, then reported without stopping the runs."""
     relative = [str(p.resolve().relative_to(REPO)) for p in paths]
-    subprocess.run(["git", "add", *relative], cwd=REPO, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *relative], cwd=REPO, check=True)
+    for attempt in range(5):
+        added = subprocess.run(["git", "add", *relative], cwd=REPO, capture_output=True, text=True)
+        done = added.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", *relative], cwd=REPO, capture_output=True, text=True
+        ).returncode == 0
+        if done:
+            return
+        time.sleep(2 + 3 * attempt)
+    print(f"warning: could not commit {', '.join(relative)}; commit them by hand", flush=True)
 
 
 def run(study: Study, seeds: list[int]) -> None:

@@ -99,7 +99,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, co
 def trained_run(tmp_path_factory) -> Path:
     """One short Pendulum training shared by the tests that need a real run and checkpoint."""
     cwd = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", cwd, *SMALL, "--episodes", "6", "--checkpoint-every", "2", "--n-step", "3",
+    result = run_script("train.py", cwd, *SMALL, "--episodes", "6", "--checkpoint-every", "2", "--buffer", "prioritized",
                         "--keep-checkpoints", "2", "--eval-every", "3", "--eval-episodes", "1", "--run-name", "small")
     assert result.returncode == 0, result.stderr
     assert "checkpoints/small/final.pt" in result.stdout

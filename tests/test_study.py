@@ -348,11 +348,11 @@ def test_search_and_confirmation_seeds_never_meet() -> None:
 
 
 def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path) -> None:
-    args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,no_per", "--max-concurrent", "2",
+    args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,with_per", "--max-concurrent", "2",
             "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
                             "--start-steps 100 --update-after 300 --no-compile"]
-    runs = ["full__seed0", "full__seed1", "no_per__seed0", "no_per__seed1"]
+    runs = ["full__seed0", "full__seed1", "with_per__seed0", "with_per__seed1"]
     first = run_study("lab.ablate", tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     study = tmp_path / "studies" / "tiny"
@@ -361,10 +361,10 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
         assert f"finished {run}" in first.stdout
     started = [line.split()[-1] for line in first.stdout.splitlines() if " started " in line]
     # Seed-major: both configurations of seed 0 (started together, two at a time) before any of seed 1.
-    assert [set(started[:2]), set(started[2:])] == [{"full__seed0", "no_per__seed0"}, {"full__seed1", "no_per__seed1"}]
+    assert [set(started[:2]), set(started[2:])] == [{"full__seed0", "with_per__seed0"}, {"full__seed1", "with_per__seed1"}]
     table = (study / "results.md").read_text()
     assert "| configuration | seeds | return @ 200 | return @ 400 | steps to 200 | reached 200 |" in table
-    assert "| full | 2 | " in table and "| no_per | 2 | " in table
+    assert "| full | 2 | " in table and "| with_per | 2 | " in table
     assert (study / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     second = run_study("lab.ablate", tmp_path, *args)
@@ -380,10 +380,10 @@ def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path)
     assert "evaluating 4 final agents over 2 episodes each" in checked.stdout
     stored = json.loads((study / "final_checks.json").read_text())
     assert sorted(stored) == sorted(runs) and all(len(entry["returns"]) == 2 for entry in stored.values())
-    agent, env = load_agent_and_env(study / "checkpoints" / "no_per__seed1" / "final.pt")
-    assert stored["no_per__seed1"]["returns"] == evaluate_policy(agent, env, 2, 1 + TARGET_SEED_OFFSET)
-    mean = np.mean(stored["no_per__seed1"]["returns"])
-    rows = [line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_per | 2 | ")]
+    agent, env = load_agent_and_env(study / "checkpoints" / "with_per__seed1" / "final.pt")
+    assert stored["with_per__seed1"]["returns"] == evaluate_policy(agent, env, 2, 1 + TARGET_SEED_OFFSET)
+    mean = np.mean(stored["with_per__seed1"]["returns"])
+    rows = [line for line in (study / "results.md").read_text().splitlines() if line.startswith("| with_per | 2 | ")]
     assert len(rows) == 2 and f" / {mean:.1f} | " in rows[1]  # the final-agent row lists seed 1 after seed 0
     again = run_study("lab.ablate", tmp_path, *args, "--aggregate-only", "--final-episodes", "2")
     assert again.returncode == 0 and "evaluating" not in again.stdout, again.stdout + again.stderr
