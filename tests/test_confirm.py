@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.confirm import parse_seeds
-from sac_model import SACError
+pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
+from lab.confirm import parse_seeds  # noqa: E402
+from sac_model import SACError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--env Pendulum-v1 --hidden-size 32 --batch-size 32 --buffer-size 2000 --start-steps 100 --update-after 100 "

@@ -18,7 +18,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sac_model import TARGET_SEED_OFFSET, SACConfig, evaluate_policy, load_agent_and_env
 
-from lab.tables import (
+pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
+from lab.tables import (  # noqa: E402
     Curve, aggregate, area_under_curve, bootstrap_ci, confirmation_table, final_check_table, interquartile_mean,
     load_eval_curve, load_search, load_study, markdown_table, plot_curves, search_table, steps_to_threshold,
     trial_progress,
