@@ -122,7 +122,7 @@ class Study:
         finally:
             env.close()
         self.save()
-        print(f"{time.strftime('%H:%M:%S')} done {run}: {row_cells(record)}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
 
 
 def lower_bound(check: list[float], record: dict) -> float:
@@ -161,7 +161,8 @@ def page(study: Study, seeds: list[int]) -> str:
     args = study.args
     records = [study.results[run_name(CONFIG_LABEL, s)] for s in seeds if study.finished(run_name(CONFIG_LABEL, s))]
     command = f"python -m lab.confirm --name {study.name} --seeds {args.seeds}" + (
-        f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "")
+        f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
+        f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "")
     lines = [f"# Study `{study.name}`", "",
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
              f"{' ' + args.train_args if args.train_args else ''}`, {args.concurrent} runs at a time on "
