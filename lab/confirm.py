@@ -4,9 +4,10 @@
 
 Each seed is the run a user would start, plus `--threads 1` so that runs side by side share the cores
 fairly. As each run finishes, its final agent also plays episodes it never saw (seeds 1000-1099 by
-default) and its row enters docs/<name>.md (with the curves in docs/<name>.png); `--commit` commits
-that page at once, so a session that ends loses only the runs in flight. The same command resumes:
-finished seeds are kept, an interrupted one continues from its newest checkpoint.
+default) and its row enters docs/<name>.md (the curves in docs/<name>.png, the results in
+docs/<name>.json); `--commit` commits them at once, so a session that ends loses only the runs in
+flight. The same command resumes, on another machine too: the seeds in docs/<name>.json are done; an
+interrupted one continues from its newest checkpoint where that still exists, else starts over.
 """
 from __future__ import annotations
 
@@ -54,23 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unseen-episodes", type=int, default=100, help="unseen episodes per final agent")
     parser.add_argument("--stop-after-unsolved", type=int, default=0,
                         help="start no new seed once this many have ended unsolved (a rule already lost); 0: never")
-    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where <name>.md and .png go")
-    parser.add_argument("--commit", action="store_true", help="git-commit <name>.md and .png after each row")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs",
+                        help="where <name>.md, .png and .json (the results, for resuming anywhere) go")
+    parser.add_argument("--commit", action="store_true", help="git-commit <name>.md, .png and .json after each row")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from finished runs; run nothing")
     return parser
 
 
 class Study:
-    """The study folder, its results file (per run: time segments and results) and its docs page."""
+    """The study folder (runs, checkpoints, logs), and the results file (per run: time segments and results),
+    kept beside the docs page and committed with it: on a new machine, where studies/ is gone, the same
+    command knows which seeds are done."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
         self.folder = Path("studies") / name
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.results_path = self.folder / "results.json"
+        self.results_path = args.docs_dir / f"{name}.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
 
     def save(self) -> None:
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.results_path.write_text(json.dumps(self.results, indent=1))
 
     def checkpoints(self, run: str) -> Path:
@@ -92,9 +97,11 @@ class Study:
         run = run_name(CONFIG_LABEL, seed)
         record = self.results.setdefault(run, {"seed": seed, "segments": []})
         newest = max(checkpoint_files(self.checkpoints(run)), key=lambda p: p.stat().st_mtime, default=None)
-        if record["segments"] and record["segments"][-1][1] is None:
+        if newest is None:
+            record["segments"] = []  # starting from scratch: time spent on a run whose files are gone counts for nothing
+        elif record["segments"] and record["segments"][-1][1] is None:
             # The session that ran it ended: what it cost is the time up to the checkpoint this run resumes from.
-            record["segments"][-1][1] = newest.stat().st_mtime if newest else record["segments"][-1][0]
+            record["segments"][-1][1] = newest.stat().st_mtime
         record["segments"].append([time.time(), None])
         self.save()
         command = self.command(seed)
@@ -189,9 +196,9 @@ def page(study: Study, seeds: list[int]) -> str:
 
 def write_report(study: Study, seeds: list[int]) -> list[Path]:
     docs = study.args.docs_dir
-    docs.mkdir(parents=True, exist_ok=True)
-    paths = [docs / f"{study.name}.md"]
-    paths[0].write_text(page(study, seeds))
+    page_path = docs / f"{study.name}.md"
+    page_path.write_text(page(study, seeds))
+    paths = [study.results_path, page_path]
     curves = load_study(study.folder, finished_only=True)
     if curves:
         paths.append(plot_curves(curves, docs / f"{study.name}.png", threshold=200.0))
