@@ -224,6 +224,11 @@ def target_return(config: SACConfig) -> float | None:
     return float(config.target_return)
 
 
+def check_lower_bound(mean: float, std: float, episodes: int, std_errors: float) -> float:
+    """A target check's mean minus `std_errors` standard errors of that mean: what must reach the target."""
+    return mean - std_errors * std / math.sqrt(episodes)
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 

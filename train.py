@@ -26,15 +26,16 @@ from sac_model import (
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACAgent, SACConfig,
     SACError, TrainingDivergedError, WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env,
     config_from_args, evaluate_policy, fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run,
-    NStepCollector, make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints, read_checkpoint,
-    refuse_existing_run, remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget,
-    target_return,
+    NStepCollector, check_lower_bound, make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints,
+    read_checkpoint, refuse_existing_run, remove_run_files, resolve_device, restore_rng_state, seed_everything,
+    step_budget, target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
 # watched, never what it learns.
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
-                      "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads", "compile"}
+                      "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads",
+                      "compile"}
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
@@ -365,17 +366,17 @@ def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: S
     writer.add_scalar("eval/return_std", np.std(returns), step)
 
 
-def check_lower_bound(check: list[float], config: SACConfig) -> float:
-    """A target check's mean minus --target-std-errors standard errors of that mean (check: [step, mean, std])."""
+def lower_bound(check: list[float], config: SACConfig) -> float:
+    """The lower bound of a target check ([step, mean, std]) under this run's --target-std-errors."""
     _, mean, std = check
-    return mean - config.target_std_errors * std / np.sqrt(config.target_episodes)
+    return check_lower_bound(mean, std, config.target_episodes, config.target_std_errors)
 
 
 def solved(progress: Progress, config: SACConfig) -> bool:
     """Whether the latest target check reached --target-return (never without a target)."""
     target = target_return(config)
     return (target is not None and bool(progress.target_checks)
-            and check_lower_bound(progress.target_checks[-1], config) >= target)
+            and lower_bound(progress.target_checks[-1], config) >= target)
 
 
 def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress,
@@ -390,7 +391,7 @@ def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACCo
     returns = evaluate_policy(agent, eval_env, config.target_episodes, first_seed)
     step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
     progress.target_checks.append([step, mean, std])
-    lower = check_lower_bound(progress.target_checks[-1], config)
+    lower = lower_bound(progress.target_checks[-1], config)
     writer.add_scalar("eval/target_check_mean", mean, step)
     writer.add_scalar("eval/target_check_std", std, step)
     writer.add_scalar("eval/target_check_lower_bound", lower, step)

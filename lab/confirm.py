@@ -24,8 +24,8 @@ import numpy as np
 
 from lab.tables import load_study, plot_curves, run_name
 from sac_model import (
-    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, checkpoint_files, evaluate_policy, fail,
-    load_agent_and_env, read_checkpoint, target_return,
+    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, check_lower_bound, checkpoint_files, evaluate_policy,
+    fail, load_agent_and_env, read_checkpoint, target_return,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ class Study:
         record = self.results.setdefault(run, {"seed": seed, "segments": []})
         newest = max(checkpoint_files(self.checkpoints(run)), key=lambda p: p.stat().st_mtime, default=None)
         if newest is None:
-            record["segments"] = []  # starting from scratch: time spent on a run whose files are gone counts for nothing
+            record["segments"] = []  # a fresh start: time spent on a run whose files are gone counts for nothing
         elif record["segments"] and record["segments"][-1][1] is None:
             # The session that ran it ended: what it cost is the time up to the checkpoint this run resumes from.
             record["segments"][-1][1] = newest.stat().st_mtime
@@ -134,7 +134,7 @@ class Study:
 
 def lower_bound(check: list[float], record: dict) -> float:
     _, mean, std = check
-    return mean - record["std_errors"] * std / np.sqrt(record["target_episodes"])
+    return check_lower_bound(mean, std, record["target_episodes"], record["std_errors"])
 
 
 def solved_at(record: dict) -> int | None:
