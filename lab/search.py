@@ -64,7 +64,7 @@ SEARCH_SPACE = {
     "per_alpha": tune.uniform(0.2, 0.9),
     "per_beta_start": tune.uniform(0.2, 0.9),
     "lr_step_episodes": tune.choice([25, 50, 100, 200, 400]),
-    "lr_gamma": tune.uniform(0.7, 0.99),
+    "lr_gamma": tune.uniform(0.7, 1.0),
     "update_every": tune.choice([1, 10, 50, 100]),
     "start_steps": tune.choice([1_000, 2_500, 5_000, 10_000, 20_000]),
 }
