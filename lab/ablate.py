@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sac_model import OneLineErrorParser, SACError, evaluate_final_agent, fail
+from lab.configs import CONFIGS, VARIANTS
 from lab.tables import (
     CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table,
     final_check_table, load_study, markdown_table, parse_run_name, plot_curves, run_name,
@@ -40,20 +41,6 @@ from lab.runner import (
     tune_run_config, unfinished_runs,
 )
 
-# Each component switched the other way on its own; "full" is the method as the repository ships it (with
-# uniform replay and a constant learning rate: PER and StepLR are what a user can turn on).
-CONFIGS = {
-    "full": [],
-    "with_per": ["--buffer", "prioritized"],
-    "with_lr_schedule": ["--lr-gamma", "0.872"],  # the search's StepLR factor, every 100 episodes
-    "no_n_step": ["--n-step", "1"],
-    "no_layer_norm": ["--no-layer-norm"],
-    "no_grad_clip": ["--grad-clip", "0"],
-}
-# Other ways to run the same method, compared only when --configs names them (never part of the default study).
-VARIANTS = {
-    "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
-}
 # The settings that make a study's numbers comparable: fixed when the study is first run. The trials
 # train their whole budget unless --target-return says otherwise (a confirmation).
 DEFAULT_SETTINGS = {"kind": "ablation", "budget": 200_000, "eval_every": 10, "eval_episodes": 10,

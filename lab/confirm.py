@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lab.configs import CONFIGS, VARIANTS
 from lab.tables import load_study, plot_curves, run_name
 from sac_model import (
     CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, check_lower_bound, checkpoint_files, evaluate_policy,
@@ -29,7 +30,7 @@ from sac_model import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_LABEL = "defaults"  # run folders are defaults__seed<N>, the name the study tables parse
+DEFAULTS_LABEL = "defaults"  # run folders are <label>__seed<N>, the name the study tables parse
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="study name: studies/<name>/ and docs/<name>.md")
     parser.add_argument("--seeds", required=True, help="seeds never used before, e.g. 40-49")
     parser.add_argument("--concurrent", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--config", choices=[*CONFIGS, *VARIANTS], default=None,
+                        help="an ablation's configuration (lab.ablate's): its train.py flags and its run label")
     parser.add_argument("--train-args", default="", help="extra train.py flags (a pilot; a confirmation has none)")
     parser.add_argument("--unseen-seed", type=int, default=1000, help="first episode seed of the unseen episodes")
     parser.add_argument("--unseen-episodes", type=int, default=100, help="unseen episodes per final agent")
@@ -69,6 +72,8 @@ class Study:
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
+        self.label = args.config or DEFAULTS_LABEL
+        self.train_args = [*(CONFIGS | VARIANTS).get(args.config, []), *shlex.split(args.train_args)]
         self.folder = Path("studies") / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.results_path = args.docs_dir / f"{name}.json"
@@ -81,20 +86,27 @@ class Study:
     def checkpoints(self, run: str) -> Path:
         return self.folder / CHECKPOINTS_DIR / run
 
-    def finished(self, run: str) -> bool:
+    def run_name(self, seed: int) -> str:
+        return run_name(self.label, seed)
+
+    def finished(self, seed: int) -> bool:
+        run = self.run_name(seed)
         return run in self.results and "unseen" in self.results[run]
+
+    def record(self, seed: int) -> dict:
+        return self.results[self.run_name(seed)]
 
     def command(self, seed: int) -> list[str]:
         """train.py for this seed: a new run, or the resumption of an interrupted one."""
-        run = run_name(CONFIG_LABEL, seed)
+        run = self.run_name(seed)
         train = [sys.executable, str(REPO / "train.py")]
         if checkpoint_files(self.checkpoints(run)):
             return [*train, "--resume", run, "--threads", "1"]
-        return [*train, "--seed", str(seed), "--threads", "1", "--run-name", run, *shlex.split(self.args.train_args)]
+        return [*train, "--seed", str(seed), "--threads", "1", "--run-name", run, *self.train_args]
 
     def start(self, seed: int) -> subprocess.Popen:
         """Start a seed's run, logging to studies/<name>/<run>.log; an interrupted segment ends at its checkpoint."""
-        run = run_name(CONFIG_LABEL, seed)
+        run = self.run_name(seed)
         record = self.results.setdefault(run, {"seed": seed, "segments": []})
         newest = max(checkpoint_files(self.checkpoints(run)), key=lambda p: p.stat().st_mtime, default=None)
         if newest is None:
@@ -111,7 +123,7 @@ class Study:
 
     def finish(self, seed: int, returncode: int) -> None:
         """Record a finished run: wall time, steps, its last check, and its final agent on unseen episodes."""
-        run = run_name(CONFIG_LABEL, seed)
+        run = self.run_name(seed)
         record = self.results[run]
         record["segments"][-1][1] = time.time()
         final = self.checkpoints(run) / "final.pt"
@@ -166,13 +178,14 @@ def cpu_name() -> str:
 def page(study: Study, seeds: list[int]) -> str:
     """docs/<name>.md: the command, the rule's figures and one row per finished seed."""
     args = study.args
-    records = [study.results[run_name(CONFIG_LABEL, s)] for s in seeds if study.finished(run_name(CONFIG_LABEL, s))]
+    records = [study.record(s) for s in seeds if study.finished(s)]
     command = f"python -m lab.confirm --name {study.name} --seeds {args.seeds}" + (
+        f" --config {args.config}" if args.config else "") + (
         f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
         f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "")
     lines = [f"# Study `{study.name}`", "",
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
-             f"{' ' + args.train_args if args.train_args else ''}`, {args.concurrent} runs at a time on "
+             f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time on "
              f"{cpu_name()} ({len(records)} of {len(seeds)} seeds finished).", "",
              f"| seed | solved at env step | wall time (min) | last 100-episode check | checks | unseen episodes "
              f"{args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | >= 200 | < 0 |",
@@ -222,10 +235,9 @@ def commit(paths: list[Path], message: str) -> None:
 
 def run(study: Study, seeds: list[int]) -> None:
     """Run the unfinished seeds, `--concurrent` at a time, reporting each as it finishes."""
-    waiting = [s for s in seeds if not study.finished(run_name(CONFIG_LABEL, s))]
+    waiting = [s for s in seeds if not study.finished(s)]
     running: dict[int, subprocess.Popen] = {}
-    unsolved = sum(solved_at(study.results[run_name(CONFIG_LABEL, s)]) is None for s in seeds
-                   if study.finished(run_name(CONFIG_LABEL, s)))
+    unsolved = sum(solved_at(study.record(s)) is None for s in seeds if study.finished(s))
     while waiting or running:
         limit = study.args.stop_after_unsolved
         while waiting and len(running) < study.args.concurrent and not (limit and unsolved >= limit):
@@ -240,7 +252,7 @@ def run(study: Study, seeds: list[int]) -> None:
                 continue
             del running[seed]
             study.finish(seed, process.returncode)
-            record = study.results[run_name(CONFIG_LABEL, seed)]
+            record = study.record(seed)
             unsolved += solved_at(record) is None
             paths = write_report(study, seeds)
             if study.args.commit:

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.confirm import parse_seeds  # noqa: E402
-from sac_model import SACError  # noqa: E402
+from sac_model import SACError, read_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--env Pendulum-v1 --hidden-size 32 --batch-size 32 --buffer-size 2000 --start-steps 100 --update-after 100 "
@@ -70,3 +70,17 @@ def test_the_stop_rule_starts_no_seed_after_the_last_unsolved_one_it_allows(tmp_
     assert result.stdout.count("start defaults__seed") == 1 and "stopped: 1 seeds ended unsolved" in result.stdout
     page = (tmp_path / "docs" / "lost.md").read_text()
     assert "| 1 | not solved (400) |" in page and "Solved: 0 of 1" in page
+
+
+def test_an_ablation_configuration_runs_with_its_flags_under_its_own_label(tmp_path: Path):
+    result = confirm(tmp_path, "--name", "ablation", "--seeds", "5", "--config", "no_n_step", "--train-args",
+                     f"{TINY} --target-return -10000")
+    assert result.returncode == 0, result.stderr
+    assert "start no_n_step__seed5" in result.stdout
+    final = tmp_path / "studies" / "ablation" / "checkpoints" / "no_n_step__seed5" / "final.pt"
+    assert read_checkpoint(final)["metadata"]["config"]["n_step"] == 1  # the defaults' 3, switched by the config
+    page = (tmp_path / "docs" / "ablation.md").read_text()
+    assert "--config no_n_step" in page and "--threads 1 --n-step 1 --env Pendulum-v1" in page
+    assert "| 5 | 200 |" in page
+    refused = confirm(tmp_path, "--name", "ablation", "--seeds", "5", "--config", "no_such_thing")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr and "Traceback" not in refused.stderr

@@ -1,0 +1,16 @@
+"""The ablation's configurations: train.py flags relative to the defaults, shared by lab.ablate and lab.confirm."""
+
+# Each component switched the other way on its own; "full" is the method as the repository ships it (with
+# uniform replay and a constant learning rate: PER and StepLR are what a user can turn on).
+CONFIGS = {
+    "full": [],
+    "with_per": ["--buffer", "prioritized"],
+    "with_lr_schedule": ["--lr-gamma", "0.872"],  # the search's StepLR factor, every 100 episodes
+    "no_n_step": ["--n-step", "1"],
+    "no_layer_norm": ["--no-layer-norm"],
+    "no_grad_clip": ["--grad-clip", "0"],
+}
+# Other ways to run the same method, compared only when --configs names them (never part of the default study).
+VARIANTS = {
+    "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
+}
