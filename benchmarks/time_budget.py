@@ -1,0 +1,309 @@
+"""Where one whole `train.py` process spends its time: python benchmarks/time_budget.py [--threads 2].
+
+Two measurements, printed as one Markdown table:
+1. Python start to imports done: a fresh `python -c "import train"` process, timed from its start to a
+   line it prints once the import returned; a second one with `-X importtime` splits that time by package.
+2. `train.main([...])` in this process, 6,000 env steps with 50 gradient steps every 50 from step 1,000
+   (bench_sac.py's whole-process run, evaluation off), with the phases of the run wrapped by
+   time.perf_counter accumulators: setup, random warm-up actions, acting, env steps, storing
+   transitions, the progress bar, the first update round (the torch.compile of the step, warm or cold
+   as inductor's cache is), replay sampling and the gradient steps of the other rounds, metric logging,
+   episode ends, checkpoints, evaluation. "Other" is what no wrapper covers: flag parsing, seeding and
+   the loop's own Python.
+
+A phase's seconds exclude the phases timed inside it (an update round's replay sampling is counted as
+sampling, not as the round); evaluation and the first update round keep everything inside them. The
+wrappers only time: train.py computes the same numbers as without them. Each adds about a microsecond
+per call, a few percent of an env step. The process's exit (interpreter teardown) is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import train  # noqa: E402  (the repository root has to be on the path first)
+from bench_sac import cpu_model, markdown_table  # noqa: E402
+from sac_model import SACAgent  # noqa: E402
+
+START_STEPS = 1_000  # random actions and no updates before this step, as bench_sac.py's whole-process run
+UPDATE_EVERY = 50
+IMPORT_MARKER = "imports done"
+# Packages whose share of the import time gets a row of its own (each counted where it is first imported).
+NOTABLE_IMPORTS = ("torch", "torch.utils.tensorboard", "numba", "gymnasium", "numpy", "tqdm")
+
+SETUP = "setup: envs, agent (torch._dynamo's import), compile_update, replay, run lock, event log"
+STORING = "storing transitions: normalize_action, n-step collector, replay add"
+FIRST_ROUND = "first update round: torch.compile + its gradient steps"
+LATER_ROUNDS = "later update rounds: gradient steps"
+SAMPLING = "replay sample"
+EVALUATION = "evaluation"
+
+
+@dataclass
+class Phase:
+    """Accumulated seconds of one phase, and what its per-unit figure divides them by."""
+
+    seconds: float = 0.0
+    units: int = 0  # env steps, gradient steps or calls, as `unit` says; 0: no per-unit figure
+    unit: str = ""
+
+
+class PhaseClock:
+    """Exclusive seconds per phase: time spent in a phase timed inside another is charged to the inner one.
+
+    Phases named in `opaque` keep everything that runs inside them (an evaluation's env steps are evaluation).
+    """
+
+    def __init__(self, opaque: tuple[str, ...] = ()) -> None:
+        self.phases: dict[str, Phase] = defaultdict(Phase)
+        self.opaque = set(opaque)
+        self._open: list[list[Any]] = []  # [name, start, seconds of the phases inside it] per open phase
+
+    def start(self, name: str) -> bool:
+        """Open phase `name`; False (and nothing opened) inside an opaque phase."""
+        if self._open and self._open[-1][0] in self.opaque:
+            return False
+        self._open.append([name, time.perf_counter(), 0.0])
+        return True
+
+    def stop(self, units: int = 0, unit: str = "") -> None:
+        """Close the innermost phase, crediting it with `units` of `unit` (its per-unit figure's divisor)."""
+        name, start, inner = self._open.pop()
+        elapsed = time.perf_counter() - start
+        if self._open:
+            self._open[-1][2] += elapsed
+        phase = self.phases[name]
+        phase.seconds += elapsed - inner
+        if units:
+            phase.units += units
+            phase.unit = unit
+
+    @contextmanager
+    def __call__(self, name: str, units: int = 0, unit: str = "") -> Iterator[None]:
+        timed = self.start(name)
+        try:
+            yield
+        finally:
+            if timed:
+                self.stop(units, unit)
+
+    def wrap(self, name: str, function: Callable, unit: str = "") -> Callable:
+        """`function`, timed as phase `name` at every call, each call one `unit` when given.
+
+        start/stop inline: about 1 us a call, half a context manager's cost.
+        """
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.start(name):
+                return function(*args, **kwargs)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.stop(1 if unit else 0, unit)
+        return timed
+
+
+# --------------------------------------------------------------------------------------------
+# Imports: a fresh process
+# --------------------------------------------------------------------------------------------
+
+def import_seconds() -> float:
+    """Seconds from starting `python` to `import train` having returned, in a fresh process."""
+    program = f"import train; print({IMPORT_MARKER!r}, flush=True)"
+    start = time.perf_counter()
+    with subprocess.Popen([sys.executable, "-c", program], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) as child:
+        line = child.stdout.readline()
+        elapsed = time.perf_counter() - start
+        child.stdout.read()
+    if line.strip() != IMPORT_MARKER or child.returncode != 0:
+        raise RuntimeError(f"`python -c 'import train'` failed (exit code {child.returncode})")
+    return elapsed
+
+
+def import_breakdown() -> dict[str, float]:
+    """Cumulative seconds of each notable package's first import under `python -X importtime -c 'import train'`."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import train"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    seconds = {}
+    for line in result.stderr.splitlines():
+        fields = re.match(r"import time:\s+\d+\s+\|\s+(\d+)\s+\|\s+(.*)$", line)
+        if fields and fields.group(2).strip() in NOTABLE_IMPORTS:
+            seconds[fields.group(2).strip()] = int(fields.group(1)) / 1e6
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# train.main, timed phase by phase
+# --------------------------------------------------------------------------------------------
+
+def train_argv(total_steps: int, threads: int) -> list[str]:
+    """The whole-process run of bench_sac.py (table 4), with a fixed run name."""
+    return ["--total-steps", str(total_steps), "--start-steps", str(START_STEPS), "--update-after", str(START_STEPS),
+            "--update-every", str(UPDATE_EVERY), "--target-return", "none", "--eval-every", "0",
+            "--threads", str(threads), "--run-name", "time_budget"]
+
+
+def timed_phases(clock: PhaseClock) -> ExitStack:
+    """Patch train.py's collaborators so that every phase of a run is timed by `clock`; undone on exit."""
+    real_make_env, real_make_buffer, real_collector = train.make_env, train.make_buffer, train.NStepCollector
+    real_update_round = train.update_round
+    rounds = 0
+
+    def make_env(*args: Any, **kwargs: Any) -> Any:
+        with clock(SETUP):
+            env = real_make_env(*args, **kwargs)
+        env.step = clock.wrap("env.step and reset", env.step, unit="env step")
+        env.reset = clock.wrap("env.step and reset", env.reset)
+        env.action_space.sample = clock.wrap("random warm-up actions (action_space.sample)", env.action_space.sample,
+                                             unit="env step")
+        return env
+
+    def make_buffer(*args: Any, **kwargs: Any) -> Any:
+        with clock(SETUP):
+            buffer = real_make_buffer(*args, **kwargs)
+        buffer.add = clock.wrap(STORING, buffer.add)  # the collector's push counts the env steps
+        buffer.sample = clock.wrap(SAMPLING, buffer.sample, unit="gradient step")
+        return buffer
+
+    def make_collector(*args: Any, **kwargs: Any) -> Any:
+        collector = real_collector(*args, **kwargs)
+        collector.push = clock.wrap(STORING, collector.push, unit="env step")
+        return collector
+
+    def update_round(agent: SACAgent, buffer: Any, writer: Any, config: Any, progress: Any) -> None:
+        nonlocal rounds
+        name = FIRST_ROUND if rounds == 0 else LATER_ROUNDS
+        rounds += 1
+        with clock(name, units=config.update_every * config.updates_per_step, unit="gradient step"):
+            real_update_round(agent, buffer, writer, config, progress)
+
+    class TimedTqdm(train.tqdm):
+        def update(self, n: float = 1) -> bool | None:
+            with clock("progress bar", units=1, unit="env step"):
+                return super().update(n)
+
+    stack = ExitStack()
+    replacements = {"make_env": make_env, "make_buffer": make_buffer, "NStepCollector": make_collector,
+                    "update_round": update_round, "tqdm": TimedTqdm}
+    for name, phase in (("claim_run", SETUP), ("open_event_log", SETUP),
+                        ("log_update_metrics", "metric logging (one host sync per round)"),
+                        ("finish_episode", "episode ends: logs, LR schedule"), ("save_checkpoint", "checkpoints"),
+                        ("evaluate_policy", EVALUATION)):
+        replacements[name] = clock.wrap(phase, getattr(train, name), unit="" if phase == SETUP else "call")
+    for name, replacement in replacements.items():
+        stack.enter_context(mock.patch.object(train, name, replacement))
+    for name, phase, unit in (("__init__", SETUP, ""), ("compile_update", SETUP, ""),
+                              ("select_action", "select_action", "env step"),
+                              ("normalize_action", STORING, "")):
+        stack.enter_context(mock.patch.object(SACAgent, name, clock.wrap(phase, getattr(SACAgent, name), unit)))
+    return stack
+
+
+def run_train(argv: list[str], workdir: Path) -> tuple[PhaseClock, float]:
+    """train.main(argv) run in `workdir` with its phases timed; the clock and the seconds main took."""
+    clock = PhaseClock(opaque=(FIRST_ROUND, EVALUATION))
+    here = Path.cwd()
+    os.chdir(workdir)
+    try:
+        with timed_phases(clock):
+            start = time.perf_counter()
+            code = train.main(argv)
+            seconds = time.perf_counter() - start
+    finally:
+        os.chdir(here)
+    if code != 0:
+        raise RuntimeError(f"train.main exited with {code}")
+    return clock, seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+def per_unit(seconds: float, units: int, unit: str) -> str:
+    """`seconds` spread over `units`, in the most readable of us and ms."""
+    if not units:
+        return ""
+    each = seconds / units
+    return f"{each * 1e6:.1f} us / {unit}" if each < 1e-3 else f"{each * 1e3:.2f} ms / {unit}"
+
+
+def report(args: argparse.Namespace, imports: float, breakdown: dict[str, float], clock: PhaseClock,
+           main_seconds: float) -> str:
+    """The Markdown page: what was run, then phase | seconds | share | per env step or update."""
+    total = imports + main_seconds
+    rows = [["python start -> `import train` done (fresh process)", f"{imports:.2f}", f"{imports / total:.1%}", ""]]
+    rows += [[f"... of which `import {name}` (`-X importtime`)", f"{seconds:.2f}", f"{seconds / total:.1%}", ""]
+             for name, seconds in sorted(breakdown.items(), key=lambda item: -item[1])]
+    phases = sorted(clock.phases.items(), key=lambda item: -item[1].seconds)
+    rows += [[name, f"{phase.seconds:.2f}", f"{phase.seconds / total:.1%}", per_unit(phase.seconds, phase.units,
+                                                                                       phase.unit)]
+             for name, phase in phases]
+    other = main_seconds - sum(phase.seconds for phase in clock.phases.values())
+    rows.append(["other: flags, seeding, the loop's own Python", f"{other:.2f}",
+                 f"{other / total:.1%}", per_unit(other, args.total_steps, "env step")])
+    rows.append(["**whole process (imports + train.main)**", f"**{total:.2f}**", "100%", ""])
+    lines = [
+        "# Time budget of one train.py process",
+        "",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); python {sys.version.split()[0]}, "
+        f"torch {torch.__version__}, numpy {np.__version__}",
+        f"- `train.py {' '.join(train_argv(args.total_steps, args.threads)[:-2])}`, run in this process with its "
+        f"phases timed (inductor's cache as it was: warm after any earlier run on this machine)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}; one run, so noisy on a busy machine",
+        "",
+        markdown_table(["phase", "seconds", "share", "per env step or update"], rows),
+    ]
+    first, later, sampling = (clock.phases.get(name) for name in (FIRST_ROUND, LATER_ROUNDS, SAMPLING))
+    if first and later:
+        per_step = (later.seconds + (sampling.seconds if sampling else 0.0)) / later.units
+        lines += ["", f"The compile's share of the first round: about {first.seconds - first.units * per_step:.2f} s "
+                      f"(the round less its {first.units} gradient steps at the later rounds' rate, sampling "
+                      "included)."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="train.py's --threads (default: 2)")
+    parser.add_argument("--total-steps", type=int, default=6_000,
+                        help=f"env steps of the run; updates begin at {START_STEPS:,} (default: 6000)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the Markdown report to this file")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.total_steps <= START_STEPS:
+        parser.error(f"--threads must be positive and --total-steps above {START_STEPS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    imports, breakdown = import_seconds(), import_breakdown()
+    with tempfile.TemporaryDirectory(prefix="time_budget_") as workdir:
+        clock, main_seconds = run_train(train_argv(args.total_steps, args.threads), Path(workdir))
+    page = report(args, imports, breakdown, clock, main_seconds)
+    print(page)
+    if args.output is not None:
+        args.output.write_text(page + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
