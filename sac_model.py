@@ -12,6 +12,7 @@ import copy
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import math
 import os
 import platform
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import gymnasium as gym
-import numba
 import numpy as np
 import torch
 import torch.nn as nn
@@ -462,7 +462,6 @@ class ReplayBuffer:
         self.rng.bit_generator.state = state["rng"]
 
 
-@numba.njit(cache=True)
 def _sum_tree_update(leaves: np.ndarray, inner: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
     """Write each leaf in turn and recompute the sums on its path to the root (so duplicates: last wins)."""
     n_leaves = len(leaves)
@@ -478,7 +477,6 @@ def _sum_tree_update(leaves: np.ndarray, inner: np.ndarray, indices: np.ndarray,
             node >>= 1
 
 
-@numba.njit(cache=True)
 def _sum_tree_find(leaves: np.ndarray, inner: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Walk from the root to the leaf whose prefix-sum interval holds each value (see SumTree.find)."""
     n_leaves = len(leaves)
@@ -496,6 +494,17 @@ def _sum_tree_find(leaves: np.ndarray, inner: np.ndarray, values: np.ndarray) ->
         left = 2 * node - n_leaves
         found[k] = left + 1 if value >= leaves[left] and leaves[left + 1] > 0 else left
     return found
+
+
+@functools.cache
+def _sum_tree_kernels() -> tuple[Callable, Callable]:
+    """`_sum_tree_update` and `_sum_tree_find` compiled by numba (cached on disk), built at their first use.
+
+    numba is imported here rather than with the module: only prioritized replay needs it, and its import
+    would cost every process about 0.3 s (the default replay is uniform).
+    """
+    import numba
+    return numba.njit(cache=True)(_sum_tree_update), numba.njit(cache=True)(_sum_tree_find)
 
 
 class SumTree:
@@ -528,7 +537,8 @@ class SumTree:
             raise ValueError(f"{len(indices)} indices but {len(values)} values")
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_leaves):
             raise IndexError(f"leaf index out of range [0, {self.n_leaves})")
-        _sum_tree_update(self.leaves, self.inner, indices, values)
+        update, _ = _sum_tree_kernels()
+        update(self.leaves, self.inner, indices, values)
 
     def find(self, values: np.ndarray) -> np.ndarray:
         """For each value in [0, total), the leaf whose prefix-sum interval contains it.
@@ -536,7 +546,8 @@ class SumTree:
         A step to the right is only taken into a subtree with a positive sum, so float rounding at
         an interval's edge can never select a zero-priority (empty) leaf.
         """
-        return _sum_tree_find(self.leaves, self.inner, np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
+        _, find = _sum_tree_kernels()
+        return find(self.leaves, self.inner, np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
 
 
 class PrioritizedReplayBuffer(ReplayBuffer):

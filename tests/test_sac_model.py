@@ -14,6 +14,7 @@ import pathlib
 import pickle
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -196,6 +197,18 @@ def test_sum_tree_find_never_returns_zero_leaf_at_boundaries_and_above_total():
         assert np.all(leaves[found] > 0), (pattern, found)
         inside = queries < tree.total
         np.testing.assert_array_equal(found[inside], np.searchsorted(cumsum, queries[inside], side="right"))
+
+
+def test_numba_is_imported_only_when_a_sum_tree_is_used():
+    """Uniform replay, the default, does not pay numba's import (~0.3 s a process); the sum tree still runs
+    numba-compiled code once used."""
+    program = ("import sys, train, sac_model\n"
+               "assert 'numba' not in sys.modules, 'imported with train.py'\n"
+               "sac_model.SumTree(4).update([1], [2.0])\n"
+               "assert all(type(kernel).__module__.startswith('numba.') for kernel in sac_model._sum_tree_kernels())\n")
+    result = subprocess.run([sys.executable, "-c", program], cwd=pathlib.Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 # ============================================================================================
