@@ -405,6 +405,42 @@ def test_uniform_batch_shapes_dtypes_and_unit_weights():
     assert np.all(np.abs(counts[:30] - expected) < 6 * math.sqrt(expected))
 
 
+def random_transitions(n: int, seed: int = 0) -> list[tuple]:
+    """`ReplayBuffer.add` arguments of the kinds envs and the n-step collector hand over: float32 and float64
+    observations, Python and numpy rewards with more digits than float32 keeps, Python and numpy booleans."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(3).astype(np.float32 if i % 2 else np.float64), rng.uniform(-1, 1, 1),
+             float(rng.standard_normal()) * 10.0 ** rng.integers(-40, 30) if i % 3
+             else np.float64(rng.standard_normal()),
+             rng.standard_normal(3), bool(i % 4 == 0) if i % 2 else np.bool_(i % 5 == 0), int(rng.integers(1, 4)))
+            for i in range(n)]
+
+
+def test_replay_add_stores_exactly_what_torch_index_assignment_stored():
+    """`add` writes through numpy views on the CPU; it must store the very bits the torch assignments stored
+    (float32 rounding of float64 values, subnormals included), also after a state was loaded into the buffer."""
+    transitions = random_transitions(40)
+    expected = {"obs": torch.zeros(40, 3), "actions": torch.zeros(40, 1), "rewards": torch.zeros(40),
+                "next_obs": torch.zeros(40, 3), "terminated": torch.zeros(40, dtype=torch.bool),
+                "horizons": torch.ones(40)}
+    for slot, (obs, action, reward, next_obs, terminated, horizon) in enumerate(transitions):
+        expected["obs"][slot] = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+        expected["actions"][slot] = torch.as_tensor(np.asarray(action, dtype=np.float32))
+        expected["rewards"][slot] = float(reward)
+        expected["next_obs"][slot] = torch.as_tensor(np.asarray(next_obs, dtype=np.float32))
+        expected["terminated"][slot] = bool(terminated)
+        expected["horizons"][slot] = float(horizon)
+    buffer = ReplayBuffer(64, 3, 1)
+    for transition in transitions[:25]:
+        buffer.add(*transition)
+    restored = ReplayBuffer(64, 3, 1)
+    restored.load_state_dict(buffer.state_dict())
+    for transition in transitions[25:]:
+        restored.add(*transition)
+    for name, column in expected.items():
+        assert torch.equal(getattr(restored, name)[:40], column), name
+
+
 def test_uniform_terminated_is_stored_apart_from_truncation():
     buffer = ReplayBuffer(16, 1, 1, seed=0)
     # Transition 0 is a time-limit cut (terminated=False), transition 1 a real end.
@@ -1333,6 +1369,17 @@ def test_rng_state_capture_restore_replays_every_generator(tmp_path):
     restore_rng_state(loaded, env)
     _assert_same_draws(_draw(env), first)
     env.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_replay_stores_what_cpu_replay_stores() -> None:
+    """The CPU buffer writes through numpy views, a CUDA one by torch assignments: the same values either way."""
+    buffers = [ReplayBuffer(64, 3, 1, device=device) for device in ("cpu", "cuda")]
+    for transition in random_transitions(40):
+        for buffer in buffers:
+            buffer.add(*transition)
+    for name in ("obs", "actions", "rewards", "next_obs", "terminated", "horizons"):
+        assert torch.equal(getattr(buffers[1], name).cpu(), getattr(buffers[0], name)), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
