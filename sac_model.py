@@ -441,10 +441,13 @@ class ReplayBuffer:
         return self._gather(indices, torch.ones(batch_size, device=self.device))
 
     def _gather(self, indices: np.ndarray, weights: torch.Tensor) -> Batch:
+        # index_select, not column[idx]: the same rows, without advanced indexing's general path (half the
+        # host time of a gather, six gathers per gradient step)
         idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
-        return Batch(obs=self.obs[idx], actions=self.actions[idx], rewards=self.rewards[idx],
-                     next_obs=self.next_obs[idx], terminated=self.terminated[idx].float(),
-                     horizons=self.horizons[idx], weights=weights, indices=indices)
+        return Batch(obs=self.obs.index_select(0, idx), actions=self.actions.index_select(0, idx),
+                     rewards=self.rewards.index_select(0, idx), next_obs=self.next_obs.index_select(0, idx),
+                     terminated=self.terminated.index_select(0, idx).float(),
+                     horizons=self.horizons.index_select(0, idx), weights=weights, indices=indices)
 
     def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
         """Uniform replay has no priorities: nothing to do (and no device-to-host copy)."""
