@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -440,6 +440,18 @@ class ReplayBuffer:
         indices = self.rng.integers(0, self.size, size=batch_size)
         return self._gather(indices, torch.ones(batch_size, device=self.device))
 
+    def batches(self, count: int, batch_size: int, beta: float = 1.0) -> Iterator[Batch]:
+        """The `count` batches of an update round: exactly those `count` calls of `sample` would give.
+
+        The round's indices come from one draw. numpy's bounded integers take the generator's stream value
+        by value, so one draw of count x batch_size is the count draws one after the other (a test checks
+        it, generator state included); one call instead of count saves host time at every gradient step.
+        The rows are still gathered batch by batch, into tensors of their own as `sample` makes them.
+        """
+        weights = torch.ones(batch_size, device=self.device)  # read-only in the step: one serves the round
+        for indices in self.rng.integers(0, self.size, size=(count, batch_size)):
+            yield self._gather(indices, weights)
+
     def _gather(self, indices: np.ndarray, weights: torch.Tensor) -> Batch:
         # index_select, not column[idx]: the same rows, without advanced indexing's general path (half the
         # host time of a gather, six gathers per gradient step)
@@ -600,6 +612,12 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         weights = (self.size * probabilities) ** (-beta)
         weights = torch.from_numpy((weights / weights.max()).astype(np.float32))
         return self._gather(indices, weights.to(self.device, non_blocking=True))
+
+    def batches(self, count: int, batch_size: int, beta: float = 0.4) -> Iterator[Batch]:
+        """The `count` batches of an update round, each sampled only when the loop asks for it: a batch's
+        probabilities are the priorities the gradient step before it wrote."""
+        for _ in range(count):
+            yield self.sample(batch_size, beta)
 
     def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
         """Write new priorities (one device-to-host copy for the whole batch)."""
@@ -1019,7 +1037,9 @@ class SACAgent:
         """One gradient step on a sampled batch (see `gradient_step`), compiled if `compile_update` was called.
 
         The policy's Gaussian noise is drawn here, outside the step, so compiled and eager steps see the
-        same numbers. Nothing waits for the device: call `.item()` on the metrics only when logging.
+        same numbers. Step by step, not once per update round: torch fills normals in blocks of 16, so one
+        draw of (k, 2, B, A) equals k draws of (2, B, A) only when 2 B A is a multiple of 16. Nothing waits
+        for the device: call `.item()` on the metrics only when logging.
         """
         noise = torch.randn(2, *batch.actions.shape, device=self.device)
         inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.horizons,

@@ -118,8 +118,7 @@ def update_round(agent: SACAgent, buffer, writer: SummaryWriter, config: SACConf
     beta = per_beta(config, step) if config.buffer == "prioritized" else None
     gradient_steps = config.update_every * config.updates_per_step
     try:
-        for _ in range(gradient_steps):
-            batch = buffer.sample(config.batch_size, beta or 1.0)
+        for batch in buffer.batches(gradient_steps, config.batch_size, beta or 1.0):
             metrics = agent.update(batch)
             buffer.update_priorities(batch.indices, metrics["priorities"])
     except TrainingDivergedError as error:

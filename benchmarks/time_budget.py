@@ -53,7 +53,7 @@ SETUP = "setup: envs, agent (torch._dynamo's import), compile_update, replay, ru
 STORING = "storing transitions: normalize_action, n-step collector, replay add"
 FIRST_ROUND = "first update round: torch.compile + its gradient steps"
 LATER_ROUNDS = "later update rounds: gradient steps"
-SAMPLING = "replay sample"
+SAMPLING = "replay sampling (the round's batches)"
 EVALUATION = "evaluation"
 
 
@@ -120,6 +120,23 @@ class PhaseClock:
                 self.stop(1 if unit else 0, unit)
         return timed
 
+    def wrap_iterator(self, name: str, function: Callable[..., Iterator], unit: str = "") -> Callable[..., Iterator]:
+        """`function`, whose iterator's every step is timed as phase `name`, each item one `unit` when given."""
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Iterator:
+            iterator = function(*args, **kwargs)
+            while True:
+                item, opened = None, self.start(name)
+                try:
+                    item = next(iterator, None)
+                finally:
+                    if opened:
+                        self.stop(1 if unit and item is not None else 0, unit)
+                if item is None:
+                    return
+                yield item
+        return timed
+
 
 # --------------------------------------------------------------------------------------------
 # Imports: a fresh process
@@ -180,7 +197,7 @@ def timed_phases(clock: PhaseClock) -> ExitStack:
         with clock(SETUP):
             buffer = real_make_buffer(*args, **kwargs)
         buffer.add = clock.wrap(STORING, buffer.add)  # the collector's push counts the env steps
-        buffer.sample = clock.wrap(SAMPLING, buffer.sample, unit="gradient step")
+        buffer.batches = clock.wrap_iterator(SAMPLING, buffer.batches, unit="gradient step")
         return buffer
 
     def make_collector(*args: Any, **kwargs: Any) -> Any:

@@ -441,6 +441,72 @@ def test_replay_add_stores_exactly_what_torch_index_assignment_stored():
         assert torch.equal(getattr(restored, name)[:40], column), name
 
 
+BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "horizons", "weights")
+
+
+@pytest.mark.parametrize("stored, batch_size", [(37, 16), (37, 5), (3, 1), (200, 100)])
+def test_uniform_round_batches_are_the_batches_sample_would_draw(stored, batch_size):
+    """One draw for the round's indices must take the generator's numbers exactly as one draw per batch did,
+    odd sizes included, and leave the generator where they left it (a resumed run goes on from there)."""
+    buffers = [ReplayBuffer(256, 3, 1, seed=7) for _ in range(2)]
+    for buffer in buffers:
+        fill(buffer, stored)
+        buffer.rng.integers(0, 10)  # leaves half of a 64-bit draw in the generator's buffer
+    for _ in range(2):
+        expected = [buffers[0].sample(batch_size) for _ in range(9)]
+        found = list(buffers[1].batches(9, batch_size))
+        assert len(found) == 9
+        for old, new in zip(expected, found):
+            np.testing.assert_array_equal(new.indices, old.indices)
+            for name in BATCH_FIELDS:
+                assert torch.equal(getattr(new, name), getattr(old, name)), name
+    assert buffers[1].rng.bit_generator.state == buffers[0].rng.bit_generator.state
+
+
+def test_prioritized_round_samples_each_batch_after_the_previous_steps_priorities():
+    """A round's prioritized batches are drawn one at a time: each must see the priorities written after the
+    batch before it, as the per-step loop did (drawn ahead, they would follow stale priorities)."""
+    buffers = [PrioritizedReplayBuffer(64, 3, 1, alpha=1.0, seed=3) for _ in range(2)]
+    for buffer in buffers:
+        fill(buffer, 50)
+    priorities = [torch.rand(16, generator=torch.Generator().manual_seed(i)) * 10 ** (i % 3) for i in range(6)]
+    expected = []
+    for step in range(6):
+        batch = buffers[0].sample(16, 0.5)
+        buffers[0].update_priorities(batch.indices, priorities[step])
+        expected.append(batch)
+    for step, batch in enumerate(buffers[1].batches(6, 16, 0.5)):
+        np.testing.assert_array_equal(batch.indices, expected[step].indices)
+        for name in BATCH_FIELDS:
+            assert torch.equal(getattr(batch, name), getattr(expected[step], name)), name
+        buffers[1].update_priorities(batch.indices, priorities[step])
+    np.testing.assert_array_equal(buffers[1].tree.leaves, buffers[0].tree.leaves)
+
+
+def test_an_update_round_from_batches_ends_exactly_where_the_per_step_path_ends():
+    """train.py's round (`batches`, then an update per batch) against today's per-step sampling: every
+    parameter, target, Adam moment and the temperature bit for bit equal after the round."""
+    agents = [pendulum_agent() for _ in range(2)]
+    agents[1].load_state_dict(copy.deepcopy(agents[0].state_dict()))
+    buffers = [ReplayBuffer(256, 3, 1, seed=11) for _ in range(2)]
+    for buffer in buffers:
+        for transition in random_transitions(120, seed=4):
+            buffer.add(*transition)
+    torch.manual_seed(0)
+    for _ in range(12):
+        agents[0].update(buffers[0].sample(16))
+    torch_rng_after_steps = torch.get_rng_state()
+    torch.manual_seed(0)
+    for batch in buffers[1].batches(12, 16):
+        agents[1].update(batch)
+    per_step, round_ = (_flat_tensors(agent.state_dict()) for agent in agents)
+    assert per_step.keys() == round_.keys() and per_step["optimizers.critic.state.0.step"].item() == 12
+    for name in per_step:
+        assert torch.equal(round_[name], per_step[name]), name
+    assert torch.equal(torch.get_rng_state(), torch_rng_after_steps)
+    assert buffers[1].rng.bit_generator.state == buffers[0].rng.bit_generator.state
+
+
 def test_uniform_terminated_is_stored_apart_from_truncation():
     buffer = ReplayBuffer(16, 1, 1, seed=0)
     # Transition 0 is a time-limit cut (terminated=False), transition 1 a real end.
