@@ -1,6 +1,6 @@
 """Benchmark this repository's SAC against Stable-Baselines3 on CPU; prints Markdown tables.
 
-    python benchmarks/bench_sac.py [--threads 2] [--repeats 5] [--quick] [--skip-sb3] [--skip-e2e] [--skip-updates] [--output FILE]
+    python benchmarks/bench_sac.py [--threads 2] [--repeats 5] [--quick] [--skip-sb3] [--tables 1-6] [--output FILE]
 
 Six measurements, each a median over repeats (time.perf_counter):
 1. ms per gradient update at batch 256, hidden 256, with the replay buffer filled with 1e4, 1e5 and
@@ -505,6 +505,19 @@ def median_seconds_per_call(call: Any, repeats: int, calls: int = 2_000) -> floa
 # Entry point
 # --------------------------------------------------------------------------------------------
 
+def parse_tables(text: str, parser: argparse.ArgumentParser) -> set[int]:
+    """'4', '1,2' or '3-5' -> the table numbers, each from 1 to 6."""
+    tables: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+            parser.error(f"--tables: expected numbers like 4, 1,2 or 3-5, got {text!r}")
+        tables.update(range(int(first), int(last or first) + 1))
+    if not tables <= set(range(1, 7)):
+        parser.error(f"--tables: the tables are 1 to 6, got {text!r}")
+    return tables
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; --repeats defaults to 5, or 2 with --quick."""
     parser = argparse.ArgumentParser(description="Benchmark this SAC against Stable-Baselines3 on CPU.")
@@ -514,14 +527,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings for a smoke test; its numbers are not meaningful")
     parser.add_argument("--skip-sb3", action="store_true", help="measure only this repository")
-    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end training runs")
-    parser.add_argument("--skip-updates", action="store_true", help="skip tables 1 and 2 (updates, replay)")
+    parser.add_argument("--tables", default="1-6",
+                        help="which tables to measure, e.g. 4 or 1,2 or 3-5 (default: 1-6, all); 3-5 train "
+                             "processes, and table 5's cold compiles take minutes")
     parser.add_argument("--output", type=Path, default=None, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be positive")
+    args.tables = parse_tables(args.tables, parser)
     return args
 
 
@@ -536,14 +551,16 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: list[str] = []
     publish(sections, header(args))
-    if not args.skip_updates:
-        publish(sections, bench_updates(data, settings, args.repeats, with_sb3))
-        publish(sections, bench_per(data, settings, args.repeats))
-    if not args.skip_e2e:
-        publish(sections, bench_end_to_end(settings, args.repeats, args.threads, with_sb3))
-        publish(sections, bench_whole_process(settings, args.repeats, args.threads, with_sb3))
-        publish(sections, bench_start_up(settings, args.repeats, args.threads))
-    publish(sections, bench_acting(args.repeats, with_sb3))
+    tables = {
+        1: lambda: bench_updates(data, settings, args.repeats, with_sb3),
+        2: lambda: bench_per(data, settings, args.repeats),
+        3: lambda: bench_end_to_end(settings, args.repeats, args.threads, with_sb3),
+        4: lambda: bench_whole_process(settings, args.repeats, args.threads, with_sb3),
+        5: lambda: bench_start_up(settings, args.repeats, args.threads),
+        6: lambda: bench_acting(args.repeats, with_sb3),
+    }
+    for number in sorted(args.tables):
+        publish(sections, tables[number]())
     if args.output is not None:
         args.output.write_text("\n\n".join(sections) + "\n")
         log(f"wrote {args.output}")
