@@ -285,7 +285,7 @@ def report(args: argparse.Namespace, imports: float, breakdown: dict[str, float]
         f"torch {torch.__version__}, numpy {np.__version__}",
         f"- `train.py {' '.join(train_argv(args.total_steps, args.threads)[:-2])}`, run in this process with its "
         f"phases timed (inductor's cache as it was: warm after any earlier run on this machine)",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}; one run, so noisy on a busy machine",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}; one run (repeat it to see the spread; run it on an otherwise idle machine)",
         "",
         markdown_table(["phase", "seconds", "share", "per env step or update"], rows),
     ]
