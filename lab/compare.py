@@ -74,15 +74,16 @@ def median_text(values: list[float]) -> str:
     return "not reached" if np.isinf(median) else f"{median:,.0f}"
 
 
-def comparison_page(name: str, seeds: list[int], baseline: str, studies: dict[str, str], docs: Path) -> str:
-    """docs/<name>.md: one row per configuration, the baseline's first."""
+def comparison_page(name: str, seeds_text: str, baseline: str, studies: dict[str, str], docs: Path) -> str:
+    """docs/<name>.md: one row per configuration, the baseline's first; verdicts once every seed is finished."""
+    seeds = parse_seeds(seeds_text)
     records = {label: load_records(docs, study) for label, study in {"defaults": baseline, **studies}.items()}
     common = [s for s in seeds if all(s in runs for runs in records.values())]
     if not common:
         raise SACError(f"no seed of {seeds[0]}-{seeds[-1]} is finished in every study yet")
     base = records["defaults"]
     lines = [f"# Study `{name}`", "",
-             "Command: `python -m lab.compare --name " + name + " --seeds " + ",".join(map(str, seeds)) +
+             "Command: `python -m lab.compare --name " + name + " --seeds " + seeds_text +
              f" --baseline {baseline} " + " ".join(f"{k}={v}" for k, v in studies.items()) + "`", "",
              f"Seeds finished by every study: {', '.join(map(str, common))} (of {len(seeds)}). Cells: env steps to "
              "solved (the final agent's mean return on unseen episodes 1000-1099).", "",
@@ -96,8 +97,12 @@ def comparison_page(name: str, seeds: list[int], baseline: str, studies: dict[st
         cells = [steps_cell(runs[s]) for s in common]
         wins = sum(beats(runs[s], base[s]) for s in common)
         losses = sum(beats(base[s], runs[s]) for s in common)
-        judged = "-" if label == "defaults" else verdict(
-            label, wins, losses, len(common), float(np.median(steps)), baseline_median)
+        if label == "defaults":
+            judged = "-"
+        elif len(common) < len(seeds):
+            judged = f"pending ({len(common)} of {len(seeds)} seeds finished)"
+        else:
+            judged = verdict(label, wins, losses, len(common), float(np.median(steps)), baseline_median)
         lines.append(f"| {label} | [{study}]({study}.md) | " + " | ".join(cells) +
                      f" | {sum(not np.isinf(x) for x in steps)} of {len(common)} | {median_text(steps)} | "
                      f"{np.median([wall_minutes(runs[s]) for s in common]):.1f} | "
@@ -133,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        page = comparison_page(args.name, parse_seeds(args.seeds), args.baseline, parse_studies(args.studies),
-                               args.docs_dir)
+        page = comparison_page(args.name, args.seeds, args.baseline, parse_studies(args.studies), args.docs_dir)
     except SACError as error:
         fail(str(error))
     path = args.docs_dir / f"{args.name}.md"
