@@ -141,6 +141,9 @@ class SACConfig:
     compile: bool = _option(True, "run the gradient step through torch.compile as one graph (falls back to eager "
                                   "where no C++ compiler is found); the first compile takes 30-60 s, later runs "
                                   "reuse inductor's on-disk cache")
+    cuda_graphs: bool = _option(False, "on CUDA, replay the compiled step as one CUDA graph (torch.compile's "
+                                       "reduce-overhead mode) instead of launching its hundreds of small kernels "
+                                       "one by one; not yet measured by this repository (docs/performance.md)")
     precision: str = _option("fp32", "dtype of the hidden layers' matrix products (bf16: about twice the matmul "
                                      "rate on CPUs with AVX512-BF16; activations, outputs, losses and Adam stay "
                                      "fp32)", choices=("fp32", "bf16"))
@@ -182,6 +185,8 @@ class SACConfig:
             raise ConfigError(f"--target-return must be a number, auto or none, got {self.target_return!r}")
         if self.buffer not in ("prioritized", "uniform"):
             raise ConfigError(f"--buffer must be 'prioritized' or 'uniform', got {self.buffer!r}")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("--cuda-graphs replays the compiled step: it cannot run with --no-compile")
         if self.precision not in MATMUL_DTYPES:
             raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -957,6 +962,7 @@ class SACAgent:
         self._refresh_learning_rates()
         self.step_runs = "eager"
         self._step = self.gradient_step
+        self._graph_replay = False
 
     def compile_update(self) -> str:
         """Run `gradient_step` through torch.compile from now on, where a C++ compiler allows it.
@@ -968,9 +974,38 @@ class SACAgent:
         if missing:
             self.step_runs = f"eager ({missing})"
             return self.step_runs
-        self._step = torch.compile(self.gradient_step, fullgraph=True)
-        self.step_runs = "compiled (torch.compile, one graph)"
+        self._graph_replay = self.config.cuda_graphs and self.device.type == "cuda"
+        if self._graph_replay:
+            self._mark_step_state_static()
+        self._step = torch.compile(self.gradient_step, fullgraph=True,
+                                   mode="reduce-overhead" if self._graph_replay else None)
+        self.step_runs = "compiled (torch.compile, one graph"
+        if self._graph_replay:
+            self.step_runs += ", replayed as a CUDA graph)"
+        elif self.config.cuda_graphs:
+            self.step_runs += f"; no CUDA graph: --cuda-graphs needs CUDA, the step runs on {self.device.type})"
+        else:
+            self.step_runs += ")"
         return self.step_runs
+
+    def step_state(self) -> list[torch.Tensor]:
+        """The tensors a gradient step reads and writes in place, beside its batch: networks, targets,
+        temperature, every Adam moment and step count, and the learning rates."""
+        tensors = [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
+                   self.log_alpha, self._learning_rates]
+        for optimizer in self.optimizers.values():
+            for state in optimizer.state.values():
+                tensors.extend(state.values())
+        return tensors
+
+    def _mark_step_state_static(self) -> None:
+        """Tell torch.compile that the step's state keeps its memory from call to call.
+
+        A CUDA graph replays fixed addresses. A step that writes in place into inputs not known to be static
+        is not graphed at all (torch.compile then launches its kernels one by one, with only a log line).
+        """
+        for tensor in self.step_state():
+            torch._dynamo.mark_static_address(tensor)
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -1045,12 +1080,15 @@ class SACAgent:
         inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.horizons,
                   batch.weights, noise, self._learning_rates)
         try:
-            return self._step(*inputs)
+            metrics = self._step(*inputs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             if self._step == self.gradient_step:
                 raise
             self._fall_back_to_eager(error)
             return self._step(*inputs)
+        if self._graph_replay:  # a CUDA graph's outputs live in memory that its next replay overwrites
+            metrics = {name: value.clone() for name, value in metrics.items()}
+        return metrics
 
     def _fall_back_to_eager(self, error: Exception) -> None:
         """Run the step eager from now on, with a warning, after torch.compile failed to build it.
@@ -1060,7 +1098,7 @@ class SACAgent:
         """
         inner = getattr(error, "inner_exception", error)
         reason = f"{type(inner).__name__}: {_first_line(inner)}" if str(inner).strip() else type(inner).__name__
-        self._step = self.gradient_step
+        self._step, self._graph_replay = self.gradient_step, False
         self.step_runs = f"eager (torch.compile failed: {reason})"
         warnings.warn(f"gradient step: {self.step_runs}", RuntimeWarning, stacklevel=3)
 
@@ -1163,6 +1201,8 @@ class SACAgent:
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
         self._refresh_learning_rates()
+        if self._graph_replay:  # the optimizers' load_state_dict made new Adam tensors
+            self._mark_step_state_static()
 
     def metadata(self) -> dict:
         """Plain data that identifies what this agent acts in and how it was configured."""

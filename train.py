@@ -35,7 +35,7 @@ from sac_model import (
 # watched, never what it learns.
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
                       "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads",
-                      "compile"}
+                      "compile", "cuda_graphs"}
 METRIC_TAGS = {
     "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
     "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",

@@ -3,7 +3,9 @@
     python benchmarks/bench_cuda_update.py [--repeats 5] [--updates 100]
 
 Prints the median ms for sample + update + priority write-back, for prioritized and uniform replay,
-and checks with torch's sync debug mode that `SACAgent.update` never waits for the host.
+each with the step eager, compiled, and compiled and replayed as a CUDA graph (`--cuda-graphs`);
+checks with torch's sync debug mode that `SACAgent.update` never waits for the host, and counts the
+steps torch.compile declined to graph.
 """
 from __future__ import annotations
 
@@ -66,6 +68,10 @@ def update_is_sync_free(agent: SACAgent, buffer: ReplayBuffer) -> bool:
         torch.cuda.set_sync_debug_mode(0)
 
 
+STEPS = {"eager": dict(compile=False), "compiled": dict(compile=True),
+         "CUDA graph": dict(compile=True, cuda_graphs=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -76,11 +82,17 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch 256, hidden 256, LayerNorm")
     for kind in ("prioritized", "uniform"):
-        config = dataclasses.replace(SACConfig(), buffer=kind)
-        agent = SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), config, device)
-        buffer = filled_buffer(config, device)
-        ms = median_update_ms(agent, buffer, args.repeats, args.updates)
-        print(f"{kind}: {ms:.2f} ms per update; sync-free update: {update_is_sync_free(agent, buffer)}")
+        for step, overrides in STEPS.items():
+            config = dataclasses.replace(SACConfig(), buffer=kind, **overrides)
+            agent = SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), config, device)
+            if config.compile:
+                agent.compile_update()
+            buffer = filled_buffer(config, device)
+            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+            ms = median_update_ms(agent, buffer, args.repeats, args.updates)
+            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+            print(f"{kind}, {step}: {ms:.2f} ms per update; sync-free update: {update_is_sync_free(agent, buffer)}; "
+                  f"{agent.step_runs}; CUDA graph skips: {skips}")
 
 
 if __name__ == "__main__":

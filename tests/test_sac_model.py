@@ -91,6 +91,11 @@ def random_batch(obs_dim: int, action_dim: int, size: int, seed: int = 0) -> Bat
                  indices=np.arange(size))
 
 
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return Batch(**{name: value.to(device) if torch.is_tensor(value) else value for name, value in tensors.items()})
+
+
 def fill(buffer: ReplayBuffer, n: int, obs_dim: int = 3, action_dim: int = 1, start: int = 0) -> None:
     """Add n transitions whose every field encodes the transition number i (obs = i, next_obs = i + 0.5...)."""
     for i in range(start, start + n):
@@ -883,6 +888,28 @@ def test_a_failed_compile_falls_back_to_the_eager_step_on_the_same_batch(monkeyp
     assert eager["optimizers.critic.state.0.step"].item() == 1  # the failed compile stepped nothing
 
 
+def test_step_state_holds_every_tensor_a_gradient_step_writes():
+    """CUDA graph replay needs each tensor the step writes in place marked static; one left out, and
+    torch.compile does not graph the step at all. Tensors are matched by storage (a state_dict detaches)."""
+    agent = pendulum_agent(grad_clip=0.5)
+    marked = {tensor.data_ptr() for tensor in agent.step_state()}
+    everything = _flat_tensors(agent.state_dict())
+    before = {name: tensor.clone() for name, tensor in everything.items()}
+    agent.update(random_batch(3, 1, 16))
+    written = [name for name, tensor in everything.items() if not torch.equal(tensor, before[name])]
+    assert len(written) > 60  # networks, targets, temperature, every Adam moment and step count
+    assert [name for name in written if everything[name].data_ptr() not in marked] == []
+
+
+def test_cuda_graphs_on_the_cpu_compile_the_plain_step_and_say_why():
+    agent = pendulum_agent(cuda_graphs=True)
+    if sac_model.missing_compiler() is not None:
+        pytest.skip("torch.compile needs a C++ compiler")
+    assert agent.compile_update() == ("compiled (torch.compile, one graph; no CUDA graph: --cuda-graphs needs "
+                                      "CUDA, the step runs on cpu)")
+    assert not any(hasattr(tensor, "_dynamo_static_input_type") for tensor in agent.step_state())
+
+
 def test_learning_rate_decay_reaches_the_gradient_step_also_after_loading(tmp_path):
     """At lr 3e-10 an Adam step moves a parameter by about 3e-10; at the initial 3e-4, by about 3e-4."""
     agent = pendulum_agent(lr_step_episodes=1, lr_gamma=1e-6)
@@ -1244,7 +1271,7 @@ def test_check_checkpoint_fits_env_refuses_other_env(tmp_path):
     dict(batch_size=512, buffer_size=100), dict(gamma=1.5), dict(gamma=0.0), dict(gamma=-0.1),
     dict(tau=0.0), dict(tau=2.0), dict(start_steps=-1), dict(lr_actor=0.0), dict(per_beta_start=1.5),
     dict(max_steps=0), dict(buffer="ring"), dict(precision="fp16"), dict(n_step=0), dict(target_std_errors=-1.0),
-    dict(total_steps=None, episodes=None),
+    dict(total_steps=None, episodes=None), dict(cuda_graphs=True, compile=False),
 ])
 def test_config_validate_rejects_invalid_values(overrides):
     with pytest.raises(ConfigError):
@@ -1435,6 +1462,40 @@ def test_rng_state_capture_restore_replays_every_generator(tmp_path):
     restore_rng_state(loaded, env)
     _assert_same_draws(_draw(env), first)
     env.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_the_compiled_step_in_every_parameter_moment_and_metric(monkeypatch) -> None:
+    """--cuda-graphs: the step must be graphed (a skip raises here) and each replay must really step,
+    Adam's in-place writes included, as the plain compiled step does (same tolerances as compiled vs eager).
+    Step 1 warms up, step 2 records the graph, steps 3-6 replay it; a load between them swaps Adam's tensors."""
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
+    device = torch.device("cuda")
+    config = small_config(lr_actor=1e-2, lr_critic=1e-2, lr_alpha=1e-2, grad_clip=0.5)
+    agents = [SACAgent(3, np.full(1, -2.0), np.full(1, 2.0), dataclasses.replace(config, cuda_graphs=graphs), device)
+              for graphs in (False, True)]
+    agents[1].load_state_dict(copy.deepcopy(agents[0].state_dict()))
+    assert agents[0].compile_update() == "compiled (torch.compile, one graph)"
+    assert agents[1].compile_update() == "compiled (torch.compile, one graph, replayed as a CUDA graph)"
+    skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    held = []
+    for step in range(6):
+        if step == 4:
+            agents[1].load_state_dict(copy.deepcopy(agents[1].state_dict()))
+        batch = random_batch(3, 1, 16, seed=step)
+        metrics = []
+        for agent in agents:
+            torch.manual_seed(step)
+            metrics.append(agent.update(on_device(batch, device)))
+        for name in metrics[0]:
+            torch.testing.assert_close(metrics[1][name], metrics[0][name], rtol=1e-4, atol=1e-5, msg=name)
+        held.append(metrics[1]["critic1_loss"])
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before
+    assert len({loss.item() for loss in held}) == len(held)  # earlier outputs survive later replays
+    plain, graphed = (_flat_tensors(agent.state_dict()) for agent in agents)
+    for name in plain:
+        torch.testing.assert_close(graphed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert graphed["optimizers.critic.state.0.step"].item() == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
