@@ -26,9 +26,9 @@ from sac_model import (
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACAgent, SACConfig,
     SACError, TrainingDivergedError, WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env,
     config_from_args, evaluate_policy, fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run,
-    NStepCollector, check_lower_bound, make_buffer, make_env, newest_intact_checkpoint, per_beta, prune_checkpoints,
-    read_checkpoint, refuse_existing_run, remove_run_files, resolve_device, restore_rng_state, seed_everything,
-    step_budget, target_return,
+    NStepCollector, check_lower_bound, make_buffer, make_env, newest_intact_checkpoint, per_beta, precision_line,
+    prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files, resolve_device, restore_rng_state,
+    seed_everything, step_budget, target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
@@ -274,6 +274,7 @@ def train(args: argparse.Namespace, given: set[str]) -> int:
     if config.compile:
         agent.compile_update()
     print(f"gradient step: {agent.step_runs}")
+    print(precision_line(config.precision, device))
     env.action_space.seed(config.seed)
     progress, first_reset_seed = Progress(), config.seed
     if checkpoint is not None:

@@ -910,6 +910,25 @@ def test_cuda_graphs_on_the_cpu_compile_the_plain_step_and_say_why():
     assert not any(hasattr(tensor, "_dynamo_static_input_type") for tensor in agent.step_state())
 
 
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16 amx_tile", True),
+                                            ("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 avx512f", False)])
+def test_native_bf16_is_read_from_the_cpus_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\nbugs\t\t: none\n")
+    assert sac_model.native_bf16_cpu(cpuinfo) is native
+    assert sac_model.native_bf16_cpu(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("native, says", [(True, "native on this CPU"), (False, "no AVX512-BF16 or AMX: emulated"),
+                                          (None, "support is unknown: emulated")])
+def test_the_precision_line_warns_where_bf16_would_be_emulated(monkeypatch, native, says):
+    monkeypatch.setattr(sac_model, "native_bf16_cpu", lambda: native)
+    assert says in sac_model.precision_line("bf16", torch.device("cpu"))
+    assert ("--precision fp32" in sac_model.precision_line("bf16", torch.device("cpu"))) is (not native)
+    assert sac_model.precision_line("fp32", torch.device("cpu")).startswith("precision: fp32 (the default")
+    assert sac_model.precision_line("bf16", torch.device("cuda")) == "precision: bf16 matrix products on cuda (--precision bf16)"
+
+
 def test_learning_rate_decay_reaches_the_gradient_step_also_after_loading(tmp_path):
     """At lr 3e-10 an Adam step moves a parameter by about 3e-10; at the initial 3e-4, by about 3e-4."""
     agent = pendulum_agent(lr_step_episodes=1, lr_gamma=1e-6)

@@ -348,6 +348,7 @@ def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     expected = "eager (no C++ compiler" if sac_model.missing_compiler() else "compiled (torch.compile, one graph)"
     assert f"gradient step: {expected}" in result.stdout
+    assert "precision: fp32 (the default" in result.stdout
     history = read_checkpoint(tmp_path / "checkpoints" / "learn" / "final.pt")["training"]["eval_history"]
     first_mean, last_mean = history[0][1], history[-1][1]
     assert last_mean > -400, history
