@@ -1002,13 +1002,10 @@ class SACAgent:
             self._mark_step_state_static()
         self._step = torch.compile(self.gradient_step, fullgraph=True,
                                    mode="reduce-overhead" if self._graph_replay else None)
-        self.step_runs = "compiled (torch.compile, one graph"
-        if self._graph_replay:
-            self.step_runs += ", replayed as a CUDA graph)"
-        elif self.config.cuda_graphs:
-            self.step_runs += f"; no CUDA graph: --cuda-graphs needs CUDA, the step runs on {self.device.type})"
-        else:
-            self.step_runs += ")"
+        graph = (", replayed as a CUDA graph" if self._graph_replay else
+                 f"; no CUDA graph: --cuda-graphs needs CUDA, the step runs on {self.device.type}"
+                 if self.config.cuda_graphs else "")
+        self.step_runs = f"compiled (torch.compile, one graph{graph})"
         return self.step_runs
 
     def step_state(self) -> list[torch.Tensor]:
