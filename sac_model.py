@@ -343,6 +343,13 @@ def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     return flags is not None and bool({"avx512_bf16", "amx_bf16"} & set(flags.group(1).split()))
 
 
+def bf16_rounded_in_fp32(precision: str, device: torch.device) -> bool:
+    """Whether bf16 products are computed as fp32 products of bf16-rounded values: on a CPU known to have
+    no bf16 instructions, where torch's bf16 matmul is emulated (a 256x256 product: 41 ms against 0.8 ms
+    in fp32 on a Zen 3 EPYC)."""
+    return precision == "bf16" and device.type == "cpu" and native_bf16_cpu() is False
+
+
 def precision_line(precision: str, device: torch.device) -> str:
     """What the hidden layers' matrix products compute in, and why: a run's first lines say it."""
     if precision == "fp32":
@@ -352,10 +359,11 @@ def precision_line(precision: str, device: torch.device) -> str:
     native = native_bf16_cpu()
     if native:
         return "precision: bf16 matrix products (--precision bf16), native on this CPU (AVX512-BF16 or AMX)"
-    # Measured on a Zen 3 EPYC (AVX2): a 256x256 bf16 product took 41 ms against 0.8 ms in fp32.
-    where = "this CPU has no AVX512-BF16 or AMX" if native is False else "this CPU's bf16 support is unknown"
-    return (f"precision: bf16 matrix products (--precision bf16), but {where}: emulated, bf16 can run "
-            "many times slower than fp32 (--precision fp32)")
+    if native is False:
+        return ("precision: bf16 matrix products (--precision bf16); this CPU has no AVX512-BF16 or AMX, so they "
+                "are fp32 products of bf16-rounded values: native bf16's numbers, no faster than fp32")
+    return ("precision: bf16 matrix products (--precision bf16), but this CPU's bf16 support is unknown: if "
+            "emulated, bf16 can run many times slower than fp32 (--precision fp32)")
 
 
 def capture_rng_state(env: gym.Env) -> dict:
@@ -742,9 +750,17 @@ def per_beta(config: SACConfig, step: int) -> float:
 # Networks
 # --------------------------------------------------------------------------------------------
 
-def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x @ weight with both operands rounded to `dtype`, returned in fp32 (see HiddenLinear)."""
-    return torch.matmul(x.to(dtype), weight.to(dtype)).float()
+def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                          rounded_in_fp32: bool = False) -> torch.Tensor:
+    """x @ weight with both operands and the product rounded to `dtype`, returned in fp32 (see HiddenLinear).
+
+    With `rounded_in_fp32` the same roundings are applied to fp32 values and the product is an fp32 matmul:
+    the numbers of a native bf16 product (fp32 accumulation), up to the order of the sum, at about fp32
+    speed where the CPU has no bf16 instructions and torch would emulate them many times slower.
+    """
+    if not rounded_in_fp32:
+        return torch.matmul(x.to(dtype), weight.to(dtype)).float()
+    return torch.matmul(x.to(dtype).float(), weight.to(dtype).float()).to(dtype).float()
 
 
 class HiddenLinear(nn.Linear):
@@ -756,22 +772,24 @@ class HiddenLinear(nn.Linear):
     precision (8 bits of mantissa: a Q of 100 would move in steps of 0.5).
     """
 
-    def __init__(self, in_features: int, out_features: int, matmul_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, out_features: int, matmul_dtype: torch.dtype = torch.float32,
+                 rounded_in_fp32: bool = False) -> None:
         super().__init__(in_features, out_features)
         self.matmul_dtype = matmul_dtype
+        self.rounded_in_fp32 = rounded_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matmul_dtype == torch.float32:
             return super().forward(x)
-        return low_precision_product(x, self.weight.T, self.matmul_dtype) + self.bias
+        return low_precision_product(x, self.weight.T, self.matmul_dtype, self.rounded_in_fp32) + self.bias
 
 
 def mlp_trunk(in_dim: int, hidden_size: int, layer_norm: bool,
-              matmul_dtype: torch.dtype = torch.float32) -> nn.Sequential:
+              matmul_dtype: torch.dtype = torch.float32, rounded_in_fp32: bool = False) -> nn.Sequential:
     """Two hidden layers, each Linear -> LayerNorm -> ReLU (LayerNorm left out if disabled)."""
     layers: list[nn.Module] = []
     for width_in in (in_dim, hidden_size):
-        layers.append(HiddenLinear(width_in, hidden_size, matmul_dtype))
+        layers.append(HiddenLinear(width_in, hidden_size, matmul_dtype, rounded_in_fp32))
         if layer_norm:
             layers.append(nn.LayerNorm(hidden_size))
         layers.append(nn.ReLU())
@@ -798,9 +816,9 @@ class GaussianPolicy(nn.Module):
     """pi(a|s): a diagonal Gaussian over pre-squash actions, squashed by tanh into [-1, 1]."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True,
-                 matmul_dtype: torch.dtype = torch.float32) -> None:
+                 matmul_dtype: torch.dtype = torch.float32, rounded_in_fp32: bool = False) -> None:
         super().__init__()
-        self.trunk = mlp_trunk(obs_dim, hidden_size, layer_norm, matmul_dtype)
+        self.trunk = mlp_trunk(obs_dim, hidden_size, layer_norm, matmul_dtype, rounded_in_fp32)
         self.mean = nn.Linear(hidden_size, action_dim)
         self.log_std = nn.Linear(hidden_size, action_dim)
 
@@ -840,12 +858,12 @@ class TwinQNetwork(nn.Module):
     """
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True,
-                 num_critics: int = 2, matmul_dtype: torch.dtype = torch.float32) -> None:
+                 num_critics: int = 2, matmul_dtype: torch.dtype = torch.float32, rounded_in_fp32: bool = False) -> None:
         super().__init__()
         self.num_critics = num_critics
         self.hidden_size = hidden_size
         self.layer_norm = layer_norm
-        self.matmul_dtype = matmul_dtype  # of the hidden layers, as in HiddenLinear
+        self.matmul_dtype, self.rounded_in_fp32 = matmul_dtype, rounded_in_fp32  # of the hidden layers, as in HiddenLinear
         widths = [obs_dim + action_dim, hidden_size, hidden_size, 1]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_critics, n_in, n_out)) for n_in, n_out in zip(widths, widths[1:]))
@@ -864,7 +882,7 @@ class TwinQNetwork(nn.Module):
             if self.matmul_dtype == torch.float32:
                 x = torch.baddbmm(self.biases[layer], x, self.weights[layer])
             else:
-                x = low_precision_product(x, self.weights[layer], self.matmul_dtype) + self.biases[layer]
+                x = low_precision_product(x, self.weights[layer], self.matmul_dtype, self.rounded_in_fp32) + self.biases[layer]
             if self.layer_norm:
                 x = F.layer_norm(x, (self.hidden_size,))
                 x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
@@ -963,10 +981,12 @@ class SACAgent:
         self._action_center = (self.action_high + self.action_low) / 2
 
         matmul_dtype = MATMUL_DTYPES[config.precision]
+        self.products_rounded_in_fp32 = bf16_rounded_in_fp32(config.precision, self.device)
         self.actor = GaussianPolicy(obs_dim, self.action_dim, config.hidden_size, config.layer_norm,
-                                    matmul_dtype).to(self.device)
+                                    matmul_dtype, self.products_rounded_in_fp32).to(self.device)
         self.critic = TwinQNetwork(obs_dim, self.action_dim, config.hidden_size, config.layer_norm,
-                                   matmul_dtype=matmul_dtype).to(self.device)
+                                   matmul_dtype=matmul_dtype, rounded_in_fp32=self.products_rounded_in_fp32
+                                   ).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.action_dim)
@@ -1000,8 +1020,10 @@ class SACAgent:
         self._graph_replay = self.config.cuda_graphs and self.device.type == "cuda"
         if self._graph_replay:
             self._mark_step_state_static()
+        # Inductor computes a fused kernel's bf16 values in fp32 unless told to round them as eager does.
+        options = {"emulate_precision_casts": True} if self.products_rounded_in_fp32 else None
         self._step = torch.compile(self.gradient_step, fullgraph=True,
-                                   mode="reduce-overhead" if self._graph_replay else None)
+                                   mode="reduce-overhead" if self._graph_replay else None, options=options)
         graph = (", replayed as a CUDA graph" if self._graph_replay else
                  f"; no CUDA graph: --cuda-graphs needs CUDA, the step runs on {self.device.type}"
                  if self.config.cuda_graphs else "")
