@@ -146,7 +146,8 @@ class SACConfig:
                                        "one by one; not yet measured by this repository (docs/performance.md)")
     precision: str = _option("fp32", "dtype of the hidden layers' matrix products (bf16: about twice the matmul "
                                      "rate on CPUs with AVX512-BF16; activations, outputs, losses and Adam stay "
-                                     "fp32)", choices=("fp32", "bf16"))
+                                     "fp32; on a CPU without bf16 instructions, fp32 products of bf16-rounded "
+                                     "values: the same numbers, no faster)", choices=("fp32", "bf16"))
     device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
     run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
