@@ -4,12 +4,12 @@
         with_per=ablation_with_per with_lr_schedule=ablation_with_lr_schedule no_n_step=ablation_no_n_step
 
 Reads the results each study committed (docs/<study>.json) and writes docs/<name>.md: per configuration
-the env steps to solved on each seed, how many seeds it solved, its median steps to solved, the final
-agents on unseen episodes, and on how many seeds it beat the baseline. A run beats another on the same
-seed when it ended solved in fewer env steps (solved beats unsolved; two unsolved runs compare their
-last checks). The verdict, per configuration: with at least 4 of the n seeds won and the lower median
-steps to solved, the winner's choice paid; otherwise no difference shown. Only seeds that every study has
-finished count.
+the env steps to solved on each seed, how many seeds it solved, its median steps to solved, the median of
+its steps over the baseline's seed by seed, the final agents on unseen episodes, and on how many seeds it
+beat the baseline. A run beats another on the same seed when it ended solved in fewer env steps (solved
+beats unsolved; two unsolved runs compare their last checks). The verdict, per configuration: with at
+least 4 of the n seeds won and the lower median steps to solved, the winner's choice paid; otherwise no
+difference shown. Only seeds that every study has finished count.
 """
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ def steps_cell(record: dict) -> str:
     return f"{step:,} ({unseen:.0f})" if step else f"unsolved at {record['steps']:,} ({unseen:.0f})"
 
 
+def median_ratio_text(runs: dict[int, dict], base: dict[int, dict], seeds: list[int]) -> str:
+    """The median over seeds of env steps to solved divided by the defaults' on the same seed (unsolved: infinite)."""
+    ratios = [steps_to_solved(runs[s]) / steps_to_solved(base[s]) for s in seeds]
+    median = float(np.median(ratios))
+    return "-" if np.isnan(median) else "not reached" if np.isinf(median) else f"{median:.2f}"
+
+
 def median_text(values: list[float]) -> str:
     median = float(np.median(values))
     return "not reached" if np.isinf(median) else f"{median:,.0f}"
@@ -88,8 +95,9 @@ def comparison_page(name: str, seeds_text: str, baseline: str, studies: dict[str
              f"Seeds finished by every study: {', '.join(map(str, common))} (of {len(seeds)}). Cells: env steps to "
              "solved (the final agent's mean return on unseen episodes 1000-1099).", "",
              "| configuration | study | " + " | ".join(f"seed {s}" for s in common) +
-             " | solved | median steps to solved | median wall min | median unseen | beats the defaults on | verdict |",
-             "| --- | --- | " + " | ".join("---" for _ in common) + " | --- | --- | --- | --- | --- | --- |"]
+             " | solved | median steps to solved | median steps / the defaults' (same seed) | median wall min | "
+             "median unseen | beats the defaults on | verdict |",
+             "| --- | --- | " + " | ".join("---" for _ in common) + " | --- | --- | --- | --- | --- | --- | --- |"]
     baseline_median = float(np.median([steps_to_solved(base[s]) for s in common]))
     for label, runs in records.items():
         study = baseline if label == "defaults" else studies[label]
@@ -105,6 +113,7 @@ def comparison_page(name: str, seeds_text: str, baseline: str, studies: dict[str
             judged = verdict(label, wins, losses, len(common), float(np.median(steps)), baseline_median)
         lines.append(f"| {label} | [{study}]({study}.md) | " + " | ".join(cells) +
                      f" | {sum(not np.isinf(x) for x in steps)} of {len(common)} | {median_text(steps)} | "
+                     f"{'-' if label == 'defaults' else median_ratio_text(runs, base, common)} | "
                      f"{np.median([wall_minutes(runs[s]) for s in common]):.1f} | "
                      f"{np.median([np.mean(runs[s]['unseen']) for s in common]):.1f} | "
                      f"{'-' if label == 'defaults' else f'{wins} of {len(common)}'} | {judged} |")

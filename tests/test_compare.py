@@ -52,6 +52,9 @@ def test_each_configuration_is_judged_against_the_defaults_seed_by_seed(tmp_path
     assert rows["no_n_step"][2] == "unsolved at 300,000 (230)" and rows["no_n_step"][8] == "not reached"
     assert rows["no_n_step"][-1] == "the defaults' choice paid (5 of 5, sign test p = 0.031) |"
     assert rows["with_lr_schedule"][-2] == "3 of 5" and rows["with_lr_schedule"][-1] == "no difference shown by 5 seeds |"
+    # Seed by seed, steps over the defaults': 0.8 everywhere; 0.8, 1.2, 0.8, never, 0.98; never everywhere.
+    assert (rows["defaults"][9], rows["with_per"][9], rows["with_lr_schedule"][9], rows["no_n_step"][9]) == (
+        "-", "0.80", "0.98", "not reached")
 
     # While a seed is unfinished somewhere, there is no verdict: the rule was set for all five.
     assert main(["--name", "cmp", "--seeds", "40-45", "--baseline", "faster", "--docs-dir", str(tmp_path),
