@@ -756,8 +756,8 @@ def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dt
     """x @ weight with both operands and the product rounded to `dtype`, returned in fp32 (see HiddenLinear).
 
     With `rounded_in_fp32` the same roundings are applied to fp32 values and the product is an fp32 matmul:
-    the numbers of a native bf16 product (fp32 accumulation), up to the order of the sum, at about fp32
-    speed where the CPU has no bf16 instructions and torch would emulate them many times slower.
+    the numbers of a native bf16 product (fp32 accumulation), up to the order of the sum, where the CPU has
+    no bf16 instructions and torch's own bf16 product is emulated, about 50 times slower than fp32.
     """
     if not rounded_in_fp32:
         return torch.matmul(x.to(dtype), weight.to(dtype)).float()
@@ -859,12 +859,14 @@ class TwinQNetwork(nn.Module):
     """
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True,
-                 num_critics: int = 2, matmul_dtype: torch.dtype = torch.float32, rounded_in_fp32: bool = False) -> None:
+                 num_critics: int = 2, matmul_dtype: torch.dtype = torch.float32,
+                 rounded_in_fp32: bool = False) -> None:
         super().__init__()
         self.num_critics = num_critics
         self.hidden_size = hidden_size
         self.layer_norm = layer_norm
-        self.matmul_dtype, self.rounded_in_fp32 = matmul_dtype, rounded_in_fp32  # of the hidden layers, as in HiddenLinear
+        self.matmul_dtype = matmul_dtype  # of the hidden layers, as in HiddenLinear
+        self.rounded_in_fp32 = rounded_in_fp32
         widths = [obs_dim + action_dim, hidden_size, hidden_size, 1]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_critics, n_in, n_out)) for n_in, n_out in zip(widths, widths[1:]))
@@ -883,7 +885,8 @@ class TwinQNetwork(nn.Module):
             if self.matmul_dtype == torch.float32:
                 x = torch.baddbmm(self.biases[layer], x, self.weights[layer])
             else:
-                x = low_precision_product(x, self.weights[layer], self.matmul_dtype, self.rounded_in_fp32) + self.biases[layer]
+                product = low_precision_product(x, self.weights[layer], self.matmul_dtype, self.rounded_in_fp32)
+                x = product + self.biases[layer]
             if self.layer_norm:
                 x = F.layer_norm(x, (self.hidden_size,))
                 x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
