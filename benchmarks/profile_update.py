@@ -1,6 +1,6 @@
 """Where one SAC update spends its time on the CPU: python benchmarks/profile_update.py [--threads 1] [--no-compile].
 
-Runs 30 default-size updates (batch 256, hidden 256, LayerNorm, prioritized replay) under
+Runs 30 updates at train.py's defaults (batch 256, hidden 256, LayerNorm, uniform replay) under
 torch.profiler and prints the operators sorted by their own CPU time, then a summary: the matrix
 products (which torch.compile leaves to the BLAS library), the fused kernels torch.compile wrote
 for everything else (the row "## Call CompiledFxGraph ..."), and the rest. With --no-compile the
@@ -19,11 +19,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sac_model import PrioritizedReplayBuffer, SACAgent, SACConfig, keep_freed_memory_mapped  # noqa: E402
+from sac_model import SACAgent, SACConfig, keep_freed_memory_mapped, make_buffer  # noqa: E402
 
 OBS_DIM, ACTION_DIM, FILL, UPDATES = 8, 2, 5_000, 30
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
-GFLOP_PER_UPDATE = 0.56  # batch 256, hidden 256: see the README's Performance section for the count
+GFLOP_PER_UPDATE = 0.56  # batch 256, hidden 256: counted in docs/performance.md, "The arithmetic that bounds it"
 
 
 def main() -> None:
@@ -31,13 +31,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--no-compile", action="store_true", help="profile the eager step")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="train.py's --precision")
+    parser.add_argument("--buffer", default="uniform", choices=("uniform", "prioritized"), help="train.py's --buffer")
     args = parser.parse_args()
     keep_freed_memory_mapped()
     torch.set_num_threads(args.threads)
-    agent = SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), SACConfig(precision=args.precision))
+    config = SACConfig(precision=args.precision, buffer=args.buffer, buffer_size=100_000)
+    agent = SACAgent(OBS_DIM, -np.ones(ACTION_DIM), np.ones(ACTION_DIM), config)
     print(f"gradient step: {agent.step_runs if args.no_compile else agent.compile_update()}, "
-          f"{args.precision}, {args.threads} thread(s)")
-    buffer = PrioritizedReplayBuffer(100_000, OBS_DIM, ACTION_DIM)
+          f"{args.precision}, {args.buffer} replay, {args.threads} thread(s)")
+    buffer = make_buffer(config, OBS_DIM, ACTION_DIM, agent.device)
     rng = np.random.default_rng(0)
     for _ in range(FILL):
         buffer.add(rng.standard_normal(OBS_DIM), rng.uniform(-1, 1, ACTION_DIM), rng.standard_normal(),
