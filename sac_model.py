@@ -147,7 +147,7 @@ class SACConfig:
     precision: str = _option("fp32", "dtype of the hidden layers' matrix products (bf16: about twice the matmul "
                                      "rate on CPUs with AVX512-BF16; activations, outputs, losses and Adam stay "
                                      "fp32; on a CPU without bf16 instructions, fp32 products of bf16-rounded "
-                                     "values: the same numbers, no faster)", choices=("fp32", "bf16"))
+                                     "values: the same numbers, slower than fp32)", choices=("fp32", "bf16"))
     device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
     run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
@@ -362,7 +362,7 @@ def precision_line(precision: str, device: torch.device) -> str:
         return "precision: bf16 matrix products (--precision bf16), native on this CPU (AVX512-BF16 or AMX)"
     if native is False:
         return ("precision: bf16 matrix products (--precision bf16); this CPU has no AVX512-BF16 or AMX, so they "
-                "are fp32 products of bf16-rounded values: native bf16's numbers, no faster than fp32")
+                "are fp32 products of bf16-rounded values: native bf16's numbers, slower than fp32")
     return ("precision: bf16 matrix products (--precision bf16), but this CPU's bf16 support is unknown: if "
             "emulated, bf16 can run many times slower than fp32 (--precision fp32)")
 
