@@ -1,4 +1,4 @@
-"""Soft Actor-Critic for continuous control: config, replay buffers, networks, agent, checkpoints.
+"""Soft Actor-Critic for continuous control: config, replay buffers, networks, agent; then checkpoints and run folders.
 
 Everything a test or an experiment wants to call lives here; `train.py` and `visualize.py` are thin
 scripts around it. The algorithm follows Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and
@@ -19,6 +19,7 @@ import platform
 import random
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from collections import deque
@@ -36,6 +37,9 @@ CHECKPOINT_FORMAT = "sac-checkpoint"
 CHECKPOINT_VERSION = 1
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 PRIORITY_EPS = 1e-6
+# The key of the gradient step's per-sample output (prioritized replay's new priorities); every other key of
+# the step's metrics is the TensorBoard tag it is logged under.
+PRIORITIES = "priorities"
 DEFAULT_TIME_LIMIT = 1000
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 RUNS_DIR = Path("runs")
@@ -92,36 +96,34 @@ class SACConfig:
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
     layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
-    # Uniform replay and a constant learning rate: they solved more seeds than PER and StepLR did, and what they
-    # learn does not depend on the cap (docs/default_run.md); both of the others stay a flag away.
-    buffer: str = _option("uniform", "replay buffer", choices=("prioritized", "uniform"))
+    # Why each default has its value, with the value the design started from: docs/defaults.md and
+    # docs/default_run.md; PRESETS["original"] keeps the starting values. tau, the learning rates,
+    # start_steps, grad_clip and PER's values come from the hyperparameter search,
+    # docs/studies/search_lunar_100k.md (trial 94bde25d).
+    buffer: str = _option("uniform", "replay buffer", choices=lambda: tuple(REPLAY_BUFFERS))
     buffer_size: int = _option(1_000_000, "replay capacity (transitions)")
     batch_size: int = _option(256, "transitions per gradient step")
     gamma: float = _option(0.99, "discount factor")
-    # 3: it cut the hovering of the two seeds that stalled longest and solved them at 48k and 82k steps instead
-    # of 140k and 114k (docs/default_run.md).
     n_step: int = _option(3, "env steps summed into each critic target before bootstrapping (n-step returns); "
                              "1 is one-step SAC")
-    # Found by the hyperparameter search, docs/search_lunar_100k.md (trial 94bde25d); the value the design
-    # started from is in brackets, and all of them are in PRESETS["original"].
-    tau: float = _option(0.00348, "soft target update factor, applied after every gradient step")  # search (0.005)
-    lr_actor: float = _option(1.38e-4, "Adam learning rate of the policy")  # search (3e-4)
-    lr_critic: float = _option(7.09e-4, "Adam learning rate of the critics")  # search (3e-4)
-    lr_alpha: float = _option(2.36e-3, "Adam learning rate of the temperature")  # search (3e-4)
+    tau: float = _option(0.00348, "soft target update factor, applied after every gradient step")
+    lr_actor: float = _option(1.38e-4, "Adam learning rate of the policy")
+    lr_critic: float = _option(7.09e-4, "Adam learning rate of the critics")
+    lr_alpha: float = _option(2.36e-3, "Adam learning rate of the temperature")
     init_alpha: float = _option(0.2, "initial entropy temperature; log alpha is learned")
-    start_steps: int = _option(1_000, "env steps of uniform random actions before the policy acts")  # search (10k)
+    start_steps: int = _option(1_000, "env steps of uniform random actions before the policy acts")
     update_after: int = _option(1_000, "env steps collected before the first gradient step")
     update_every: int = _option(50, "env steps between update rounds; each round does update-every x "
                                     "updates-per-step gradient steps")
     updates_per_step: int = _option(1, "gradient steps per env step (the update-to-data ratio); more reuse each "
                                        "transition more, at that many times the update cost")
     grad_clip: float = _option(5.49, "max gradient norm for the policy, each critic and the temperature; "
-                                     "0 disables")  # search (1.0)
+                                     "0 disables")
     lr_step_episodes: int = _option(100, "StepLR period in episodes (stepped per episode once updates began)")
-    lr_gamma: float = _option(1.0, "StepLR decay factor; 1 disables the schedule")  # search: 0.872 (0.95)
-    per_alpha: float = _option(0.203, "prioritization exponent: sampling probability ~ priority^alpha")  # search (0.6)
+    lr_gamma: float = _option(1.0, "StepLR decay factor; 1 disables the schedule")
+    per_alpha: float = _option(0.203, "prioritization exponent: sampling probability ~ priority^alpha")
     per_beta_start: float = _option(0.674, "initial importance-sampling exponent, annealed linearly to 1 over the "
-                                          "run's step budget (--total-steps, else episodes x max steps)")  # search
+                                          "run's step budget (--total-steps, else episodes x max steps)")
     # Evaluating often with few episodes notices a solved agent early; the 100-episode check then decides.
     eval_every: int = _option(10, "deterministic evaluation every this many episodes; 0 disables")
     eval_episodes: int = _option(10, "episodes per evaluation")
@@ -144,10 +146,11 @@ class SACConfig:
     cuda_graphs: bool = _option(False, "on CUDA, replay the compiled step as one CUDA graph (torch.compile's "
                                        "reduce-overhead mode) instead of launching its hundreds of small kernels "
                                        "one by one; not yet measured by this repository (docs/performance.md)")
-    precision: str = _option("fp32", "dtype of the hidden layers' matrix products (bf16: about twice the matmul "
-                                     "rate on CPUs with AVX512-BF16; activations, outputs, losses and Adam stay "
-                                     "fp32; on a CPU without bf16 instructions, fp32 products of bf16-rounded "
-                                     "values: the same numbers, slower than fp32)", choices=("fp32", "bf16"))
+    precision: str = _option("fp32", "dtype of the hidden layers' matrix products. bf16 runs them at about twice "
+                                     "the matmul rate on CPUs with AVX512-BF16; activations, outputs, losses and "
+                                     "Adam stay fp32. On a CPU without bf16 instructions, bf16 computes the numbers "
+                                     "a bf16 CPU would, as fp32 products of bf16-rounded values, and is slower "
+                                     "than fp32", choices=lambda: tuple(MATMUL_DTYPES))
     device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
     threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
     run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
@@ -158,18 +161,18 @@ class SACConfig:
                     "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("start_steps", "update_after", "grad_clip", "per_alpha", "eval_every", "target_std_errors",
                         "threads")
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("lr_actor", "lr_critic", "lr_alpha", "init_alpha"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("total_steps", "episodes", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         if self.total_steps is None and self.episodes is None:
             raise ConfigError("a run needs a budget: --total-steps or --episodes")
         if self.batch_size > self.buffer_size:
@@ -184,12 +187,12 @@ class SACConfig:
             raise ConfigError(f"--per-beta-start must be in [0, 1], got {self.per_beta_start}")
         if self.target_return not in ("auto", "none") and not _is_finite_number(self.target_return):
             raise ConfigError(f"--target-return must be a number, auto or none, got {self.target_return!r}")
-        if self.buffer not in ("prioritized", "uniform"):
-            raise ConfigError(f"--buffer must be 'prioritized' or 'uniform', got {self.buffer!r}")
+        if self.buffer not in REPLAY_BUFFERS:
+            raise ConfigError(f"--buffer must be one of {', '.join(REPLAY_BUFFERS)}, got {self.buffer!r}")
         if self.cuda_graphs and not self.compile:
             raise ConfigError("--cuda-graphs replays the compiled step: it cannot run with --no-compile")
         if self.precision not in MATMUL_DTYPES:
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"--precision must be one of {', '.join(MATMUL_DTYPES)}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
@@ -235,8 +238,9 @@ def check_lower_bound(mean: float, std: float, episodes: int, std_errors: float)
     return mean - std_errors * std / math.sqrt(episodes)
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+def flag(name: str) -> str:
+    """The command-line option of a config field: `n_step` -> `--n-step`."""
+    return "--" + name.replace("_", "-")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -251,16 +255,17 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: SACConfig | None
     defaults = SACConfig() if defaults is None else defaults
     for f in dataclasses.fields(defaults):
         default = getattr(defaults, f.name)
-        flag = f"--{_flag(f.name)}"
-        extras = {k: v for k, v in f.metadata.items() if k != "help"}
+        option = flag(f.name)
+        # A callable is resolved now: `choices` may name what is defined after SACConfig (the replay buffers).
+        extras = {k: v() if callable(v) else v for k, v in f.metadata.items() if k != "help"}
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
         # A None default is explained by the help text itself ("default: ...").
         shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']}{shown}", **extras)
+        parser.add_argument(option, type=kind, default=default, help=f"{f.metadata['help']}{shown}", **extras)
 
 
 def config_from_args(args: argparse.Namespace) -> SACConfig:
@@ -423,6 +428,11 @@ class ReplayBuffer:
     Actions are stored normalized to [-1, 1], the policy's own range. `terminated` is stored apart
     from time-limit truncation: only a real end stops bootstrapping. A transition may span several
     env steps (n-step returns, see NStepCollector): its `horizon` says how many.
+
+    Also the interface every buffer provides, which is all the training loop uses: `from_config`, `add`,
+    `batches`, `after_update` (what the buffer learns from a gradient step), `scalars` (what it logs),
+    `state_dict` and `load_state_dict`. A new kind subclasses it and enters REPLAY_BUFFERS under the name
+    `--buffer` gives it.
     """
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: str | torch.device = "cpu",
@@ -442,6 +452,12 @@ class ReplayBuffer:
         # a tenth of a torch one, and `add` runs at every env step. Other devices take torch assignments.
         self._host_views = ([column.numpy() for column in self._columns().values()] if self.device.type == "cpu"
                             else None)
+
+    @classmethod
+    def from_config(cls, config: SACConfig, obs_dim: int, action_dim: int,
+                    device: str | torch.device) -> "ReplayBuffer":
+        """The buffer a run's config asks for."""
+        return cls(config.buffer_size, obs_dim, action_dim, device, seed=config.seed)
 
     def __len__(self) -> int:
         return self.size
@@ -472,13 +488,14 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
         return slot
 
-    def sample(self, batch_size: int, beta: float = 1.0) -> Batch:
-        """Uniformly sample `batch_size` transitions (with replacement); `beta` is ignored here."""
+    def sample(self, batch_size: int) -> Batch:
+        """Uniformly sample `batch_size` transitions (with replacement)."""
         indices = self.rng.integers(0, self.size, size=batch_size)
         return self._gather(indices, torch.ones(batch_size, device=self.device))
 
-    def batches(self, count: int, batch_size: int, beta: float = 1.0) -> Iterator[Batch]:
-        """The `count` batches of an update round: exactly those `count` calls of `sample` would give.
+    def batches(self, count: int, batch_size: int, step: int = 0) -> Iterator[Batch]:
+        """The `count` batches of the update round at env step `step`: exactly those `count` calls of `sample`
+        would give.
 
         The round's indices come from one draw. numpy's bounded integers take the generator's stream value
         by value, so one draw of count x batch_size is the count draws one after the other (a test checks
@@ -498,8 +515,12 @@ class ReplayBuffer:
                      terminated=self.terminated.index_select(0, idx).float(),
                      horizons=self.horizons.index_select(0, idx), weights=weights, indices=indices)
 
-    def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
-        """Uniform replay has no priorities: nothing to do (and no device-to-host copy)."""
+    def after_update(self, batch: Batch, metrics: dict[str, torch.Tensor]) -> None:
+        """What the buffer learns from the gradient step on `batch`: nothing, for uniform replay."""
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """TensorBoard tags and values of the buffer's own state at env step `step`: none for uniform replay."""
+        return {}
 
     def state_dict(self) -> dict:
         """The stored transitions (only the filled part), write position and sampling RNG."""
@@ -615,12 +636,20 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     """
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, alpha: float = 0.6,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 device: str | torch.device = "cpu", seed: int = 0,
+                 beta_at: Callable[[int], float] = lambda step: 0.4) -> None:
         super().__init__(capacity, obs_dim, action_dim, device, seed)
         self.alpha = alpha
+        self.beta_at = beta_at  # the importance-sampling exponent at an env step
         self.tree = SumTree(capacity)
         self.max_priority = 1.0
         self._new_slots: list[int] = []
+
+    @classmethod
+    def from_config(cls, config: SACConfig, obs_dim: int, action_dim: int,
+                    device: str | torch.device) -> "PrioritizedReplayBuffer":
+        return cls(config.buffer_size, obs_dim, action_dim, config.per_alpha, device, seed=config.seed,
+                   beta_at=functools.partial(per_beta, config))
 
     @property
     def nbytes(self) -> int:
@@ -650,11 +679,19 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         weights = torch.from_numpy((weights / weights.max()).astype(np.float32))
         return self._gather(indices, weights.to(self.device, non_blocking=True))
 
-    def batches(self, count: int, batch_size: int, beta: float = 0.4) -> Iterator[Batch]:
-        """The `count` batches of an update round, each sampled only when the loop asks for it: a batch's
-        probabilities are the priorities the gradient step before it wrote."""
+    def batches(self, count: int, batch_size: int, step: int = 0) -> Iterator[Batch]:
+        """The `count` batches of the update round at env step `step`, each sampled only when the loop asks for
+        it: a batch's probabilities are the priorities the gradient step before it wrote."""
+        beta = self.beta_at(step)
         for _ in range(count):
             yield self.sample(batch_size, beta)
+
+    def after_update(self, batch: Batch, metrics: dict[str, torch.Tensor]) -> None:
+        """The step's TD errors become the batch's new priorities."""
+        self.update_priorities(batch.indices, metrics[PRIORITIES])
+
+    def scalars(self, step: int) -> dict[str, float]:
+        return {"charts/per_beta": self.beta_at(step)}
 
     def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
         """Write new priorities (one device-to-host copy for the whole batch)."""
@@ -717,12 +754,13 @@ class NStepCollector:
         self.pending.clear()
 
 
+# --buffer's choices, name by name: the one place a replay buffer is named.
+REPLAY_BUFFERS: dict[str, type[ReplayBuffer]] = {"uniform": ReplayBuffer, "prioritized": PrioritizedReplayBuffer}
+
+
 def make_buffer(config: SACConfig, obs_dim: int, action_dim: int, device: torch.device) -> ReplayBuffer:
     """The replay buffer the config asks for."""
-    if config.buffer == "uniform":
-        return ReplayBuffer(config.buffer_size, obs_dim, action_dim, device, seed=config.seed)
-    return PrioritizedReplayBuffer(config.buffer_size, obs_dim, action_dim, config.per_alpha, device,
-                                   seed=config.seed)
+    return REPLAY_BUFFERS[config.buffer].from_config(config, obs_dim, action_dim, device)
 
 
 def step_budget(config: SACConfig) -> int:
@@ -838,23 +876,11 @@ class GaussianPolicy(nn.Module):
         return torch.tanh(self(obs)[0])
 
 
-class QNetwork(nn.Module):
-    """Q(s, a): one critic, a two-hidden-layer MLP on the concatenated state and action."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True) -> None:
-        super().__init__()
-        self.trunk = mlp_trunk(obs_dim + action_dim, hidden_size, layer_norm)
-        self.head = nn.Linear(hidden_size, 1)
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(torch.cat([obs, action], dim=-1))).squeeze(-1)
-
-
 class TwinQNetwork(nn.Module):
     """Two independent QNetworks evaluated as one ensemble: the same math in half the ops.
 
     Each layer's weights are stacked on a leading critic axis, so one batched matmul serves both
-    critics. Parameters are never shared: critic i is slice i of every tensor (see `from_q_networks`).
+    critics. Parameters are never shared: critic i is slice i of every tensor (the tests check it against two separate critics).
     The output has shape (num_critics, batch).
     """
 
@@ -892,23 +918,6 @@ class TwinQNetwork(nn.Module):
                 x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
             x = F.relu(x)
         return torch.baddbmm(self.biases[2], x, self.weights[2]).squeeze(-1)
-
-    @classmethod
-    def from_q_networks(cls, networks: list[QNetwork]) -> "TwinQNetwork":
-        """An ensemble holding copies of the given critics' parameters."""
-        first_linear = networks[0].trunk[0]
-        layer_norm = any(isinstance(m, nn.LayerNorm) for m in networks[0].trunk)
-        ensemble = cls(first_linear.in_features, 0, first_linear.out_features, layer_norm, len(networks))
-        with torch.no_grad():
-            for i, net in enumerate(networks):
-                linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
-                for layer, linear in enumerate(linears):
-                    ensemble.weights[layer][i] = linear.weight.T
-                    ensemble.biases[layer][i, 0] = linear.bias
-                for layer, norm in enumerate(m for m in net.trunk if isinstance(m, nn.LayerNorm)):
-                    ensemble.norm_weights[layer][i, 0] = norm.weight
-                    ensemble.norm_biases[layer][i, 0] = norm.bias
-        return ensemble
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, stacked: bool = False) -> list[torch.Tensor]:
@@ -1008,6 +1017,7 @@ class SACAgent:
         self._learning_rates = torch.zeros(len(self.optimizers), device=self.device)
         self._refresh_learning_rates()
         self.step_runs = "eager"
+        self.trained_at_commit: str | None = None  # the git commit a loaded checkpoint was written at
         self._step = self.gradient_step
         self._graph_replay = False
 
@@ -1034,11 +1044,15 @@ class SACAgent:
         self.step_runs = f"compiled (torch.compile, one graph{graph})"
         return self.step_runs
 
+    def learned_tensors(self) -> list[torch.Tensor]:
+        """What the agent learns: the networks, the target critics and the temperature."""
+        return [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
+                self.log_alpha]
+
     def step_state(self) -> list[torch.Tensor]:
-        """The tensors a gradient step reads and writes in place, beside its batch: networks, targets,
-        temperature, every Adam moment and step count, and the learning rates."""
-        tensors = [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
-                   self.log_alpha, self._learning_rates]
+        """The tensors a gradient step reads and writes in place, beside its batch: the learned tensors, every
+        Adam moment and step count, and the learning rates."""
+        tensors = [*self.learned_tensors(), self._learning_rates]
         for optimizer in self.optimizers.values():
             for state in optimizer.state.values():
                 tensors.extend(state.values())
@@ -1140,7 +1154,7 @@ class SACAgent:
         """Run the step eager from now on, with a warning, after torch.compile failed to build it.
 
         The backend fails before the compiled graph runs, so no parameter or Adam moment has moved yet and the
-        same batch can be stepped eager. Seen with torch 2.11's inductor on CUDA (an AssertionError).
+        same batch can be stepped eager. Inductor has failed so on CUDA in earlier torch releases (an AssertionError).
         """
         inner = getattr(error, "inner_exception", error)
         reason = f"{type(inner).__name__}: {_first_line(inner)}" if str(inner).strip() else type(inner).__name__
@@ -1158,7 +1172,8 @@ class SACAgent:
         A pure function of tensors with no host sync and no graph break, so torch.compile makes one
         graph of it. `noise` holds the standard-normal draws for a' ~ pi(s') and a ~ pi(s);
         `learning_rates` those of the actor, critic and temperature optimizers. Returns 0-dim metric
-        tensors and `priorities` (mean |TD error| of the two critics + 1e-6, one per sample).
+        tensors keyed by the TensorBoard tag train.py logs each under (a new metric here is logged
+        without further code), and PRIORITIES (mean |TD error| of the two critics + 1e-6, one per sample).
         """
         actor_lr, critic_lr, alpha_lr = learning_rates
         alpha = self.log_alpha.exp()
@@ -1179,15 +1194,15 @@ class SACAgent:
 
         torch._foreach_lerp_(list(self.critic_target.parameters()), list(critic_params.values()), self.config.tau)
         return {
-            "critic1_loss": critic_losses[0],
-            "critic2_loss": critic_losses[1],
-            "actor_loss": actor_loss,
-            "alpha_loss": alpha_loss,
-            "alpha": alpha,
-            "mean_q": q_values.mean(),
-            "entropy": -log_prob.mean(),
-            "horizon": horizons.mean(),
-            "priorities": (q_values - targets).abs().mean(0) + PRIORITY_EPS,
+            "losses/critic1": critic_losses[0],
+            "losses/critic2": critic_losses[1],
+            "losses/actor": actor_loss,
+            "losses/alpha": alpha_loss,
+            "charts/alpha": alpha,
+            "charts/mean_q": q_values.mean(),
+            "charts/entropy": -log_prob.mean(),
+            "charts/n_step_horizon": horizons.mean(),
+            PRIORITIES: (q_values - targets).abs().mean(0) + PRIORITY_EPS,
         }
 
     def _adam_step(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
@@ -1219,9 +1234,7 @@ class SACAgent:
 
     def parameters_finite(self) -> bool:
         """True when no network parameter or the temperature is NaN or infinite."""
-        tensors = [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
-                   self.log_alpha]
-        return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+        return bool(torch.stack([t.detach().isfinite().all() for t in self.learned_tensors()]).all())
 
     # ---- saving and loading ----
 
@@ -1259,6 +1272,7 @@ class SACAgent:
             "action_low": self.action_low.tolist(),
             "action_high": self.action_high.tolist(),
             "config": dataclasses.asdict(self.config),
+            "git_commit": git_commit(),
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "gymnasium": gym.__version__, "numpy": np.__version__},
         }
@@ -1278,6 +1292,7 @@ class SACAgent:
             agent = cls(meta["obs_dim"], np.asarray(meta["action_low"]), np.asarray(meta["action_high"]),
                         config, device, meta["env_id"])
             agent.load_state_dict(checkpoint["agent"])
+            agent.trained_at_commit = meta.get("git_commit")
         except (TypeError, KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"checkpoint contents do not fit this code: {_first_line(error)}") from None
         return agent
@@ -1336,8 +1351,68 @@ def evaluate_final_agent(path: str | Path, episodes: int) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint files
+# Checkpoint files and run folders
+#
+# The algorithm ends above. What follows is bookkeeping that train.py, visualize.py and lab/ share: the
+# checkpoint's training section, atomic writes, reading and refusing files, locks, pruning and the
+# run-name rules of checkpoints/<run>/ and runs/<run>/.
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """A checkpoint's "training" section: the counters, histories, RNG states and replay buffer that make a
+    resume exact, and what the study tools read of a run. Written and read only through this class."""
+
+    global_step: int = 0
+    episode: int = 0
+    updates: int = 0
+    eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
+    target_checks: list = field(default_factory=list)  # [env step, mean return, std] per --target-episodes check
+    run_name: str | None = None
+    # True when written at an episode's end, after its bookkeeping: only then is a resume exact.
+    episode_finished: bool = True
+    rng: dict | None = None  # capture_rng_state()
+    buffer: dict | None = None  # the replay buffer's state_dict(), unless --no-save-buffer
+
+    def to_dict(self) -> dict:
+        """Plain data for the checkpoint (the buffer's tensors are not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def of(cls, checkpoint: dict, path: str | Path) -> "TrainingState":
+        """The training section of a checkpoint from `read_checkpoint`; CheckpointError if it holds none."""
+        training = checkpoint.get("training")
+        if not isinstance(training, dict) or not training:
+            raise CheckpointError(f"{path}: holds an agent but no training state (an agent saved on its own)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in training.items() if name in known})
+
+    def resume_gap(self) -> str | None:
+        """Why resuming from this state would not replay the uninterrupted run exactly; None when it would."""
+        gaps = [gap for gap, applies in (("it was written mid-episode", not self.episode_finished),
+                                         ("it holds no replay buffer (--no-save-buffer)", self.buffer is None))
+                if applies]
+        return " and ".join(gaps) or None
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str | None:
+    """The git commit of this code, with a note when tracked files differ from it; None outside a git checkout.
+
+    Checkpoints carry it, so that an agent says which code made it.
+    """
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        changes = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" with uncommitted changes" if changes.stdout.strip() else "")
+
 
 def atomic_save(obj: dict, path: Path) -> Path:
     """torch.save to a temporary name, fsync, then rename: a crash at any instant leaves the old file intact."""
@@ -1386,7 +1461,8 @@ def read_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, garbage and truncated files fail in many ways
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_failure_reason(error)})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {_load_failure_reason(error)}; give a .pt file "
+                              "that train.py wrote") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' marker)")
     if checkpoint.get("format_version") != CHECKPOINT_VERSION:
@@ -1508,12 +1584,18 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
 
 
 def _load_failure_reason(error: BaseException) -> str:
-    """The informative line of a torch.load failure (its messages run to a dozen lines)."""
-    marker = "WeightsUnpickler error:"
-    if marker in str(error):
-        after = [line.strip() for line in str(error).split(marker, 1)[1].splitlines() if line.strip()]
-        return "refused by weights_only loading: " + (after[0].split(". ")[0] if after else "unsupported content")
-    return f"{type(error).__name__}: {_first_line(error)[:160]}"
+    """What a torch.load failure means for the user, as a sentence (torch's own messages run to a dozen lines)."""
+    text = str(error)
+    if "zip archive" in text or "central directory" in text:
+        return ("the file is cut short or damaged (torch.save writes a zip archive, and this one is incomplete), "
+                "for example a copy that did not finish")
+    if "Unsupported global" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        return (f"refused by weights_only loading: it holds a pickled Python object "
+                f"({found.group(1) if found else 'a class or function'}), which could run code when loaded")
+    if "WeightsUnpickler error:" in text:
+        return "refused by weights_only loading: its bytes are not a torch checkpoint"
+    return f"its bytes are not a torch checkpoint ({type(error).__name__})"
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Train a SAC agent: `python train.py` (LunarLanderContinuous-v3), `python train.py --resume RUN`.
 
-TensorBoard logs go to runs/<run-name>/, checkpoints to checkpoints/<run-name>/. Ctrl-C (or SIGTERM)
-finishes the current step, writes a checkpoint and exits; `--resume` continues the same run.
+TensorBoard logs go to runs/<run-name>/, checkpoints to checkpoints/<run-name>/. The first Ctrl-C (or SIGTERM)
+finishes the current episode and writes a checkpoint that resumes exactly; a second stops at once.
+`--resume` continues the same run.
 """
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from sac_model import (
-    CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACAgent, SACConfig,
-    SACError, TrainingDivergedError, WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env,
-    config_from_args, evaluate_policy, fail, find_checkpoint, flat_dim, keep_freed_memory_mapped, lock_run,
-    NStepCollector, check_lower_bound, make_buffer, make_env, newest_intact_checkpoint, per_beta, precision_line,
-    prune_checkpoints, read_checkpoint, refuse_existing_run, remove_run_files, resolve_device, restore_rng_state,
-    seed_everything, step_budget, target_return,
+    CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, PRIORITIES, RUNS_DIR, TARGET_SEED_OFFSET, NStepCollector,
+    OneLineErrorParser, ReplayBuffer, SACAgent, SACConfig, SACError, TrainingDivergedError, TrainingState,
+    WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env, check_lower_bound, config_from_args,
+    evaluate_policy, fail, find_checkpoint, flag, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer,
+    make_env, newest_intact_checkpoint, precision_line, prune_checkpoints, read_checkpoint, refuse_existing_run,
+    remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
 )
 
 # Flags that may differ from the checkpoint's config when resuming: how long and how the run is
@@ -36,42 +38,129 @@ from sac_model import (
 RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
                       "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads",
                       "compile", "cuda_graphs"}
-METRIC_TAGS = {
-    "critic1_loss": "losses/critic1", "critic2_loss": "losses/critic2", "actor_loss": "losses/actor",
-    "alpha_loss": "losses/alpha", "alpha": "charts/alpha", "mean_q": "charts/mean_q",
-    "entropy": "charts/entropy", "horizon": "charts/n_step_horizon",
-}
+# After SIGTERM the run finishes its episode only if that takes at most this long, then stops at once: a
+# container or job scheduler sends SIGKILL after a grace period (Docker's default: 10 s).
+SIGTERM_GRACE_SECONDS = 5.0
 
 
-@dataclass
-class Progress:
-    """Counters saved in every checkpoint; with the RNG states and the buffer they make a resume exact."""
-
-    global_step: int = 0
-    episode: int = 0
-    updates: int = 0
-    eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
-    target_checks: list = field(default_factory=list)  # [env step, mean return, std] per --target-episodes evaluation
+class StopNow(KeyboardInterrupt):
+    """Raised by a second stop signal (or SIGTERM's grace period running out) wherever the run is."""
 
 
 class StopSignal:
-    """Turns SIGINT and SIGTERM into a flag the loop checks after every env step."""
+    """SIGINT and SIGTERM: the first asks the run to stop at the end of the current episode, where its checkpoint
+    resumes exactly; a second one, or SIGTERM_GRACE_SECONDS after SIGTERM, stops it at once.
+
+    The handler only records the signal (or raises StopNow): writing to a stream from a signal handler can
+    interrupt a write to the same stream. The loop says what will happen.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        self.announced = False
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
             signal.signal(signum, self._handle)
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None or signum == signal.SIGALRM:
+            self.disarm()
+            raise StopNow()
         self.signum = signum
+        if signum == signal.SIGTERM:
+            signal.setitimer(signal.ITIMER_REAL, SIGTERM_GRACE_SECONDS)
+
+    def announce(self, steps_left: int) -> None:
+        """Say once what the first signal does: the episode is finished, then a checkpoint is written."""
+        self.announced = True
+        within = (f"if it ends within {SIGTERM_GRACE_SECONDS:g} s" if self.signum == signal.SIGTERM
+                  else f"at most {steps_left:,} more env steps")
+        tqdm.write(f"{signal.Signals(self.signum).name}: finishing the current episode ({within}) to save a "
+                   "checkpoint that resumes exactly; send it again to stop at once", file=sys.stderr)
+
+    def disarm(self) -> None:
+        """Ignore further signals (while the last checkpoint is written) and cancel SIGTERM's grace timer."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+@dataclass
+class Episode:
+    """One training episode as it is played."""
+
+    total_return: float = 0.0
+    length: int = 0
+    terminated: bool = False
+    truncated: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.terminated or self.truncated
+
+
+@dataclass
+class Run:
+    """Everything one training process works with; the loop's functions share it."""
+
+    config: SACConfig
+    agent: SACAgent
+    buffer: ReplayBuffer
+    collector: NStepCollector
+    env: gym.Env
+    eval_env: gym.Env
+    writer: SummaryWriter
+    progress: TrainingState
+    display: "ProgressDisplay"
+    stop: StopSignal
+    next_reset_seed: int | None  # the first reset of a new run is seeded; a resumed env continues its RNG
+    at_episode_boundary: bool = True  # the last episode and its bookkeeping are complete: a checkpoint is exact
+    recent_returns: deque = field(default_factory=lambda: deque(maxlen=10))
+    session_start: float = field(default_factory=time.perf_counter)
+    session_start_step: int = 0
+    compile_pending: bool = False  # torch.compile builds the step at its first call
+
+
+class ProgressDisplay:
+    """The progress line: env steps, elapsed time, steps per second, the latest evaluation against the target
+    and the checks so far. No time estimate: the cap it could be made against is rarely reached, and when a
+    run will be solved is what nobody knows."""
+
+    def __init__(self, config: SACConfig, start_step: int) -> None:
+        self.config = config
+        self.target = target_return(config)
+        self.bar = tqdm(initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                        bar_format="{n_fmt} env steps [{elapsed}, {rate_fmt}{postfix}]")
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def show(self, progress: TrainingState, recent_returns: deque) -> None:
+        """Refresh the line's facts after an episode."""
+        facts = [f"episode {progress.episode}", f"return(10) {np.mean(recent_returns):.1f}"]
+        if progress.eval_history:
+            latest = f"eval {progress.eval_history[-1][1]:.1f}"
+            facts.append(latest + (f" (target {self.target:g})" if self.target is not None else ""))
+        if progress.target_checks:
+            lower = lower_bound(progress.target_checks[-1], self.config)
+            facts.append(f"checks {len(progress.target_checks)} (last lower bound {lower:.1f})")
+        self.bar.set_postfix_str(", ".join(facts), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """train.py's flags, whose defaults are SACConfig's or, with a preset's name, the preset's."""
     parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="start from a named set of defaults; flags given still win. 'original': the "
-                             "configuration the repository started from (docs/defaults.md), without --target-return")
+                        help="start from a named set of defaults; flags given still win. 'original' is the "
+                             "configuration the repository started from (docs/defaults.md); it trains its whole "
+                             "budget instead of stopping when solved")
     add_config_flags(parser, SACConfig(**PRESETS[preset]) if preset else None)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
@@ -107,59 +196,14 @@ def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) 
     changed = changed_flags(config, args, given)
     forbidden = sorted(changed - RESUME_OVERRIDABLE)
     if forbidden:
-        raise SACError(f"--{forbidden[0].replace('_', '-')} cannot change when resuming; "
-                       f"only {', '.join(sorted('--' + n.replace('_', '-') for n in RESUME_OVERRIDABLE))} can")
+        raise SACError(f"{flag(forbidden[0])} cannot change when resuming; "
+                       f"only {', '.join(sorted(flag(name) for name in RESUME_OVERRIDABLE))} can")
     return dataclasses.replace(config, **{name: getattr(args, name) for name in changed})
 
 
-def update_round(agent: SACAgent, buffer, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
-    """The gradient steps owed to the last `update_every` env steps, then log the last one's metrics."""
-    step = progress.global_step
-    beta = per_beta(config, step) if config.buffer == "prioritized" else None
-    gradient_steps = config.update_every * config.updates_per_step
-    try:
-        for batch in buffer.batches(gradient_steps, config.batch_size, beta or 1.0):
-            metrics = agent.update(batch)
-            buffer.update_priorities(batch.indices, metrics["priorities"])
-    except TrainingDivergedError as error:
-        raise TrainingDivergedError(f"{error} at env step {step}") from None
-    progress.updates += gradient_steps
-    log_update_metrics(writer, metrics, agent, beta, step)
-
-
-def log_update_metrics(writer: SummaryWriter, metrics: dict[str, torch.Tensor], agent: SACAgent,
-                       beta: float | None, step: int) -> None:
-    """Write the last update's metrics; one host sync per update round. Stops on a non-finite value."""
-    values = dict(zip(METRIC_TAGS, torch.stack([metrics[name] for name in METRIC_TAGS]).tolist()))
-    for name, value in values.items():
-        if not np.isfinite(value):
-            raise TrainingDivergedError(f"non-finite {name} ({value}) at env step {step}")
-        writer.add_scalar(METRIC_TAGS[name], value, step)
-    for name, lr in agent.learning_rates().items():
-        writer.add_scalar(f"charts/lr_{name}", lr, step)
-    if beta is not None:
-        writer.add_scalar("charts/per_beta", beta, step)
-
-
-def save_checkpoint(agent: SACAgent, buffer, progress: Progress, env, config: SACConfig, name: str,
-                    episode_finished: bool, writer: SummaryWriter) -> Path:
-    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent.
-
-    The TensorBoard events are flushed first: a checkpoint never claims steps whose events failed to be written.
-    """
-    if not agent.parameters_finite():
-        raise TrainingDivergedError(f"non-finite network parameters at env step {progress.global_step}; "
-                                    "the last good checkpoint is left untouched")
-    writer.flush()
-    training = {
-        **dataclasses.asdict(progress),
-        "run_name": config.run_name,
-        "episode_finished": episode_finished,
-        "rng": capture_rng_state(env),
-        "buffer": buffer.state_dict() if config.save_buffer else None,
-    }
-    return agent.save(CHECKPOINTS_DIR / config.run_name / f"{name}.pt", training)
-
+# --------------------------------------------------------------------------------------------
+# Setting a run up
+# --------------------------------------------------------------------------------------------
 
 def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
     """The validated config of a new run, or of the resumed one with its checkpoint."""
@@ -169,8 +213,7 @@ def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, di
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
         checkpoint = read_checkpoint(checkpoint_path)
-        if not checkpoint.get("training"):
-            raise SACError(f"{checkpoint_path}: holds an agent but no training state to resume")
+        TrainingState.of(checkpoint, checkpoint_path)  # refuses an agent saved without its training state
         config = resumed_config(checkpoint, args, given)
     else:
         config = config_from_args(args)
@@ -208,6 +251,288 @@ def open_event_log(config: SACConfig, resumed_step: int | None) -> SummaryWriter
     return writer
 
 
+def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer: ReplayBuffer,
+                           env: gym.Env) -> TrainingState:
+    """Load the agent, replay buffer, counters and RNG states of a checkpoint into a fresh run."""
+    check_checkpoint_fits_env(checkpoint, env, path)
+    agent.load_state_dict(checkpoint["agent"])
+    state = TrainingState.of(checkpoint, path)
+    if state.buffer is not None:
+        buffer.load_state_dict(state.buffer)
+    env.reset(seed=agent.config.seed)  # creates the env's generators, then they are overwritten
+    restore_rng_state(state.rng, env)
+    gap = state.resume_gap()
+    print(f"resuming {agent.config.run_name} from {path} at env step {state.global_step:,}, episode {state.episode}: "
+          + (f"approximately, because {gap}" if gap else "exactly (an end-of-episode checkpoint with its buffer)"))
+    return dataclasses.replace(state, rng=None, buffer=None)  # the loop keeps counters; a save captures the rest
+
+
+def stop_rule(config: SACConfig, budget: int) -> str:
+    """When the run ends, in words."""
+    cap = f"at most {budget:,} env steps"
+    if config.episodes is not None:
+        cap += f" or {config.episodes:,} episode{'s' if config.episodes != 1 else ''}"
+    target = target_return(config)
+    if target is None or not config.eval_every:
+        return f"trains its whole budget, {cap} (no --target-return)"
+    margin = (f"its mean minus {config.target_std_errors:g} standard errors" if config.target_std_errors
+              else "its mean")
+    return (f"stops when solved: once a {config.eval_episodes}-episode evaluation (every {config.eval_every} "
+            f"episodes) reaches {target:g}, {config.target_episodes} fresh episodes decide ({margin} >= "
+            f"{target:g}); {cap}")
+
+
+def announce(config: SACConfig, agent: SACAgent, budget: int, resumed: bool) -> None:
+    """The run's first lines: what it is called, where it writes, what it runs on and when it stops."""
+    threads = config.threads or torch.get_num_threads()
+    print(f"run: {config.run_name} ({'resumed' if resumed else 'new'})\n"
+          f"logs: {RUNS_DIR / config.run_name}/ (watch them with: tensorboard --logdir {RUNS_DIR})\n"
+          f"checkpoints: {CHECKPOINTS_DIR / config.run_name}/ (every {config.checkpoint_every} episodes and the "
+          f"final agent)\n"
+          f"device: {agent.device.type}, {threads} CPU thread{'s' if threads != 1 else ''}; gradient step: "
+          f"{agent.step_runs}\n"
+          f"{precision_line(config.precision, agent.device)}\n"
+          f"the run {stop_rule(config, budget)}\n"
+          "Ctrl-C finishes the current episode and saves a checkpoint that resumes exactly; a second Ctrl-C stops "
+          "at once", flush=True)
+
+
+def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> Run:
+    """Everything a run needs, new or resumed; what must be closed at the end is entered into `stack`."""
+    config, checkpoint, checkpoint_path = run_config(args, given)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    env = stack.enter_context(contextlib.closing(make_env(config.env, config.max_steps)))
+    config.max_steps = env.spec.max_episode_steps
+    eval_env = stack.enter_context(contextlib.closing(make_env(config.env, config.max_steps)))
+    stack.enter_context(claim_run(config.run_name, checkpoint is None, args.overwrite))  # once the env is valid
+    obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
+    agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
+    buffer = make_buffer(config, obs_dim, action_dim, device)
+    if config.compile:
+        agent.compile_update()
+    announce(config, agent, step_budget(config), resumed=checkpoint is not None)
+    env.action_space.seed(config.seed)
+    progress, first_reset_seed = TrainingState(run_name=config.run_name), config.seed
+    if checkpoint is not None:
+        progress, first_reset_seed = restore_training_state(checkpoint, checkpoint_path, agent, buffer, env), None
+    try:
+        writer = open_event_log(config, progress.global_step if checkpoint else None)
+    except OSError as error:
+        raise write_failure(error, config.run_name) from None
+    stack.callback(close_quietly, writer)
+    display = ProgressDisplay(config, progress.global_step)
+    stack.callback(display.close)
+    return Run(config=config, agent=agent, buffer=buffer, collector=NStepCollector(config.n_step, config.gamma),
+               env=env, eval_env=eval_env, writer=writer, progress=progress, display=display,
+               stop=StopSignal(), next_reset_seed=first_reset_seed,
+               session_start_step=progress.global_step, compile_pending=agent.step_runs.startswith("compiled"))
+
+
+def close_quietly(writer: SummaryWriter) -> None:
+    """Close the event writer; a failed write was reported already, and the first error is the one to tell."""
+    with contextlib.suppress(OSError):
+        writer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def train_until_done(run: Run) -> None:
+    """Episodes until the budget is spent, the run is solved or a stop is asked for."""
+    budget, config, progress = step_budget(run.config), run.config, run.progress
+    while (progress.global_step < budget and (config.episodes is None or progress.episode < config.episodes)
+           and not run.stop.requested and not solved(progress, config)):
+        run.at_episode_boundary = False
+        episode = play_episode(run, budget)
+        if episode.finished:
+            progress.episode += 1
+            finish_episode(run, episode)
+        run.at_episode_boundary = episode.finished
+
+
+def play_episode(run: Run, budget: int) -> Episode:
+    """One training episode, with the gradient steps owed along the way; cut short only by the step budget."""
+    config, progress, agent = run.config, run.progress, run.agent
+    obs, _ = run.env.reset(seed=run.next_reset_seed)
+    run.next_reset_seed = None
+    run.collector.clear()
+    episode = Episode()
+    while not episode.finished and progress.global_step < budget:
+        if progress.global_step < config.start_steps:
+            env_action = run.env.action_space.sample()
+        else:
+            env_action = agent.select_action(obs)
+        next_obs, reward, episode.terminated, episode.truncated, _ = run.env.step(env_action)
+        for transition in run.collector.push(obs, agent.normalize_action(env_action), reward, next_obs,
+                                             episode.terminated, episode.truncated):
+            run.buffer.add(*transition)
+        obs = next_obs
+        episode.total_return += float(reward)
+        episode.length += 1
+        progress.global_step += 1
+        run.display.step()
+        if run.stop.requested and not run.stop.announced:
+            run.stop.announce(run.config.max_steps - episode.length)
+        if progress.global_step >= config.update_after and progress.global_step % config.update_every == 0:
+            if run.compile_pending:
+                tqdm.write("compiling the gradient step before the first update: 30-60 s the first time, "
+                           "seconds once inductor's cache holds it")
+                run.compile_pending = False
+            update_round(run)
+    return episode
+
+
+def update_round(run: Run) -> None:
+    """The gradient steps owed to the last `update_every` env steps, then log the last one's metrics."""
+    config, progress = run.config, run.progress
+    step = progress.global_step
+    gradient_steps = config.update_every * config.updates_per_step
+    try:
+        for batch in run.buffer.batches(gradient_steps, config.batch_size, step):
+            metrics = run.agent.update(batch)
+            run.buffer.after_update(batch, metrics)
+    except TrainingDivergedError as error:
+        raise TrainingDivergedError(f"{error} at env step {step}") from None
+    progress.updates += gradient_steps
+    log_update_metrics(run, metrics, step)
+
+
+def log_update_metrics(run: Run, metrics: dict[str, torch.Tensor], step: int) -> None:
+    """Write the last update's metrics under their own tags; one host sync per update round. Stops on a
+    non-finite value."""
+    tags = [tag for tag in metrics if tag != PRIORITIES]
+    values = dict(zip(tags, torch.stack([metrics[tag] for tag in tags]).tolist()))
+    for tag, value in values.items():
+        if not np.isfinite(value):
+            raise TrainingDivergedError(f"non-finite {tag} ({value}) at env step {step}")
+        run.writer.add_scalar(tag, value, step)
+    for name, lr in run.agent.learning_rates().items():
+        run.writer.add_scalar(f"charts/lr_{name}", lr, step)
+    for tag, value in run.buffer.scalars(step).items():
+        run.writer.add_scalar(tag, value, step)
+
+
+def finish_episode(run: Run, episode: Episode) -> None:
+    """Episode bookkeeping: logs, LR schedule, evaluation (and target check), periodic checkpoint."""
+    config, progress, writer = run.config, run.progress, run.writer
+    step = progress.global_step
+    run.recent_returns.append(episode.total_return)
+    steps_per_second = (step - run.session_start_step) / max(time.perf_counter() - run.session_start, 1e-9)
+    writer.add_scalar("charts/episode_return", episode.total_return, step)
+    writer.add_scalar("charts/episode_length", episode.length, step)
+    # 1 for an episode the time limit ended: on LunarLander, a lander that hovers instead of landing
+    writer.add_scalar("charts/episode_time_limit", float(episode.truncated and not episode.terminated), step)
+    writer.add_scalar("charts/steps_per_second", steps_per_second, step)
+    if step >= config.update_after:
+        run.agent.step_schedulers()
+    if config.eval_every and progress.episode % config.eval_every == 0:
+        evaluate_and_log(run)
+        target = target_return(config)
+        if target is not None and progress.eval_history[-1][1] >= target:
+            check_target(run, f"the {config.eval_episodes}-episode evaluation reached {target:g}")
+    run.display.show(progress, run.recent_returns)
+    if progress.episode % config.checkpoint_every == 0:
+        path = save_checkpoint(run, f"step_{step:09d}", episode_finished=True)
+        prune_checkpoints(path.parent, config.keep_checkpoints)
+
+
+def evaluate_and_log(run: Run) -> None:
+    """Deterministic evaluation on the same fixed seeds every time, logged and kept in the history."""
+    config, progress = run.config, run.progress
+    returns = evaluate_policy(run.agent, run.eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    step = progress.global_step
+    progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
+    run.writer.add_scalar("eval/return_mean", np.mean(returns), step)
+    run.writer.add_scalar("eval/return_std", np.std(returns), step)
+
+
+def lower_bound(check: list[float], config: SACConfig) -> float:
+    """The lower bound of a target check ([step, mean, std]) under this run's --target-std-errors."""
+    _, mean, std = check
+    return check_lower_bound(mean, std, config.target_episodes, config.target_std_errors)
+
+
+def solved(progress: TrainingState, config: SACConfig) -> bool:
+    """Whether the latest target check reached --target-return (never without a target)."""
+    target = target_return(config)
+    return (target is not None and bool(progress.target_checks)
+            and lower_bound(progress.target_checks[-1], config) >= target)
+
+
+def check_target(run: Run, what: str) -> None:
+    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes.
+
+    Every check plays episodes no earlier check played: a run checked many times must not stop on the
+    one lucky set of start states it happened to be checked on.
+    """
+    config, progress = run.config, run.progress
+    tqdm.write(f"env step {progress.global_step:,}: {what}; checking it over {config.target_episodes} episodes")
+    first_seed = config.seed + TARGET_SEED_OFFSET + len(progress.target_checks) * config.target_episodes
+    returns = evaluate_policy(run.agent, run.eval_env, config.target_episodes, first_seed)
+    step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
+    progress.target_checks.append([step, mean, std])
+    lower = lower_bound(progress.target_checks[-1], config)
+    run.writer.add_scalar("eval/target_check_mean", mean, step)
+    run.writer.add_scalar("eval/target_check_std", std, step)
+    run.writer.add_scalar("eval/target_check_lower_bound", lower, step)
+    run.writer.add_scalar("eval/target_check_passed", float(solved(progress, config)), step)
+    verdict = "solved" if solved(progress, config) else "not solved"
+    bound = f", lower bound {lower:.1f}" if config.target_std_errors else ""
+    tqdm.write(f"env step {step:,}: {config.target_episodes}-episode check {mean:.1f} +/- {std:.1f}{bound}, "
+               f"{verdict} (target {target_return(config):g})")
+
+
+def save_checkpoint(run: Run, name: str, episode_finished: bool) -> Path:
+    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent.
+
+    The TensorBoard events are flushed first: a checkpoint never claims steps whose events failed to be written.
+    """
+    if not run.agent.parameters_finite():
+        raise TrainingDivergedError(f"non-finite network parameters at env step {run.progress.global_step}; "
+                                    "the last good checkpoint is left untouched")
+    run.writer.flush()
+    state = dataclasses.replace(run.progress, run_name=run.config.run_name, episode_finished=episode_finished,
+                                rng=capture_rng_state(run.env),
+                                buffer=run.buffer.state_dict() if run.config.save_buffer else None)
+    return run.agent.save(CHECKPOINTS_DIR / run.config.run_name / f"{name}.pt", state.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Ending a run
+# --------------------------------------------------------------------------------------------
+
+def stop_on_signal(run: Run) -> int:
+    """Save the checkpoint a stop signal asked for and say how to go on; the exit code is 128 + the signal."""
+    exact = run.at_episode_boundary
+    path = save_checkpoint(run, f"step_{run.progress.global_step:09d}", episode_finished=exact)
+    prune_checkpoints(path.parent, run.config.keep_checkpoints)
+    where = (f"at the end of episode {run.progress.episode}" if exact
+             else f"mid-episode (episode {run.progress.episode + 1})")
+    resume = "it resumes exactly" if exact and run.config.save_buffer else "it resumes approximately"
+    print(f"{signal.Signals(run.stop.signum).name}: stopped {where} at env step {run.progress.global_step:,}; "
+          f"saved {path} ({resume}); continue with: python train.py --resume {run.config.run_name}",
+          file=sys.stderr)
+    return 128 + run.stop.signum
+
+
+def finish_run(run: Run) -> int:
+    """Evaluate the final agent (and check it against the target if its last check is not from now), save it."""
+    config, progress = run.config, run.progress
+    if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
+        evaluate_and_log(run)  # the final agent is always evaluated
+    checked_now = bool(progress.target_checks) and progress.target_checks[-1][0] == progress.global_step
+    if target_return(config) is not None and not solved(progress, config) and not checked_now:
+        check_target(run, "the step budget is spent")  # for the record
+    path = save_checkpoint(run, "final", episode_finished=run.at_episode_boundary)
+    print(f"finished {progress.episode} episodes, {progress.global_step:,} env steps"
+          f"{' (solved)' if solved(progress, config) else ''}; final agent: {path}")
+    return 0
+
+
 def write_failure(error: OSError | WriteError, run_name: str) -> WriteError:
     """One line for a failed write: the file, the OS's reason, the newest intact checkpoint and how to go on.
 
@@ -240,195 +565,21 @@ def quiet_event_writer_thread() -> None:
     threading.excepthook = hook
 
 
-def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer, env) -> Progress:
-    """Load the agent, replay buffer, counters and RNG states of a checkpoint into a fresh run."""
-    check_checkpoint_fits_env(checkpoint, env, path)
-    agent.load_state_dict(checkpoint["agent"])
-    training = checkpoint["training"]
-    if training["buffer"] is not None:
-        buffer.load_state_dict(training["buffer"])
-    env.reset(seed=agent.config.seed)  # creates the env's generators, then they are overwritten
-    restore_rng_state(training["rng"], env)
-    progress = Progress(**{f.name: training[f.name] for f in dataclasses.fields(Progress) if f.name in training})
-    exact = training["buffer"] is not None and training["episode_finished"]
-    print(f"resuming {agent.config.run_name} from {path} at env step {progress.global_step}, episode "
-          f"{progress.episode}" + ("" if exact else " (approximately: mid-episode or without replay buffer)"))
-    return progress
-
-
 def train(args: argparse.Namespace, given: set[str]) -> int:
-    config, checkpoint, checkpoint_path = run_config(args, given)
-    device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-
-    env = make_env(config.env, config.max_steps)
-    config.max_steps = env.spec.max_episode_steps
-    eval_env = make_env(config.env, config.max_steps)
-    run_lock = claim_run(config.run_name, checkpoint is None, args.overwrite)  # after the env is known to be valid
-    obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
-    agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
-    buffer = make_buffer(config, obs_dim, action_dim, device)
-    collector = NStepCollector(config.n_step, config.gamma)
-    if config.compile:
-        agent.compile_update()
-    print(f"gradient step: {agent.step_runs}")
-    print(precision_line(config.precision, device))
-    env.action_space.seed(config.seed)
-    progress, first_reset_seed = Progress(), config.seed
-    if checkpoint is not None:
-        progress, first_reset_seed = restore_training_state(checkpoint, checkpoint_path, agent, buffer, env), None
-
-    try:
-        writer = open_event_log(config, progress.global_step if checkpoint else None)
-    except OSError as error:
-        raise write_failure(error, config.run_name) from None
-    budget = step_budget(config)
-    bar = tqdm(total=budget, initial=progress.global_step, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
-    recent_returns: deque[float] = deque(maxlen=10)
-    stop = StopSignal()
-    session_start, session_start_step = time.perf_counter(), progress.global_step
-    episode_finished = True
-    compile_pending = agent.step_runs.startswith("compiled")  # torch.compile builds the step at its first call
-    try:
-        while (progress.global_step < budget and (config.episodes is None or progress.episode < config.episodes)
-               and stop.signum is None and not solved(progress, config)):
-            obs, _ = env.reset(seed=first_reset_seed)
-            first_reset_seed = None
-            collector.clear()
-            episode_return, episode_length = 0.0, 0
-            while True:
-                if progress.global_step < config.start_steps:
-                    env_action = env.action_space.sample()
-                else:
-                    env_action = agent.select_action(obs)
-                next_obs, reward, terminated, truncated, _ = env.step(env_action)
-                for transition in collector.push(obs, agent.normalize_action(env_action), reward, next_obs,
-                                                 terminated, truncated):
-                    buffer.add(*transition)
-                obs = next_obs
-                episode_return += float(reward)
-                episode_length += 1
-                progress.global_step += 1
-                bar.update(1)
-
-                step = progress.global_step
-                if step >= config.update_after and step % config.update_every == 0:
-                    if compile_pending:
-                        tqdm.write("compiling the gradient step before the first update: 30-60 s the first time, "
-                                   "seconds once inductor's cache holds it")
-                        compile_pending = False
-                    update_round(agent, buffer, writer, config, progress)
-                episode_finished = terminated or truncated
-                if episode_finished or step >= budget or stop.signum is not None:
-                    break
-            if episode_finished:
-                progress.episode += 1
-                finish_episode(agent, buffer, env, eval_env, writer, config, progress, episode_return,
-                               episode_length, bool(truncated and not terminated), recent_returns, bar, session_start,
-                               session_start_step)
-        bar.close()
-
-        if stop.signum is not None:
-            path = save_checkpoint(agent, buffer, progress, env, config, f"step_{progress.global_step:09d}",
-                                   episode_finished, writer)
-            prune_checkpoints(path.parent, config.keep_checkpoints)
-            print(f"{signal.Signals(stop.signum).name} received: stopped at env step {progress.global_step}, "
-                  f"saved {path}; continue with: python train.py --resume {config.run_name}", file=sys.stderr)
-            return 128 + stop.signum
-        if config.eval_every and (not progress.eval_history or progress.eval_history[-1][0] != progress.global_step):
-            evaluate_and_log(agent, eval_env, writer, config, progress)  # the final agent is always evaluated
-        checked_now = bool(progress.target_checks) and progress.target_checks[-1][0] == progress.global_step
-        if target_return(config) is not None and not solved(progress, config) and not checked_now:
-            check_target(agent, eval_env, writer, config, progress, "the step budget is spent")  # for the record
-        path = save_checkpoint(agent, buffer, progress, env, config, "final", episode_finished, writer)
-        print(f"finished {progress.episode} episodes, {progress.global_step} env steps; final agent: {path}")
-        return 0
-    except (OSError, WriteError) as error:
-        raise write_failure(error, config.run_name) from None
-    finally:
-        bar.close()
-        with contextlib.suppress(OSError):  # a failed write was reported above; the first error is the one to tell
-            writer.close()
-        env.close()
-        eval_env.close()
-        run_lock.close()
-
-
-def evaluate_and_log(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress) -> None:
-    """Deterministic evaluation on the same fixed seeds every time, logged and kept in the history."""
-    returns = evaluate_policy(agent, eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
-    step = progress.global_step
-    progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
-    writer.add_scalar("eval/return_mean", np.mean(returns), step)
-    writer.add_scalar("eval/return_std", np.std(returns), step)
-
-
-def lower_bound(check: list[float], config: SACConfig) -> float:
-    """The lower bound of a target check ([step, mean, std]) under this run's --target-std-errors."""
-    _, mean, std = check
-    return check_lower_bound(mean, std, config.target_episodes, config.target_std_errors)
-
-
-def solved(progress: Progress, config: SACConfig) -> bool:
-    """Whether the latest target check reached --target-return (never without a target)."""
-    target = target_return(config)
-    return (target is not None and bool(progress.target_checks)
-            and lower_bound(progress.target_checks[-1], config) >= target)
-
-
-def check_target(agent: SACAgent, eval_env, writer: SummaryWriter, config: SACConfig, progress: Progress,
-                 what: str) -> None:
-    """The evaluation that decides whether the run is solved: --target-episodes deterministic episodes.
-
-    Every check plays episodes no earlier check played: a run checked many times must not stop on the
-    one lucky set of start states it happened to be checked on.
-    """
-    tqdm.write(f"env step {progress.global_step}: {what}; checking it over {config.target_episodes} episodes")
-    first_seed = config.seed + TARGET_SEED_OFFSET + len(progress.target_checks) * config.target_episodes
-    returns = evaluate_policy(agent, eval_env, config.target_episodes, first_seed)
-    step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
-    progress.target_checks.append([step, mean, std])
-    lower = lower_bound(progress.target_checks[-1], config)
-    writer.add_scalar("eval/target_check_mean", mean, step)
-    writer.add_scalar("eval/target_check_std", std, step)
-    writer.add_scalar("eval/target_check_lower_bound", lower, step)
-    writer.add_scalar("eval/target_check_passed", float(solved(progress, config)), step)
-    verdict = "solved" if solved(progress, config) else "not solved"
-    bound = f", lower bound {lower:.1f}" if config.target_std_errors else ""
-    tqdm.write(f"env step {step}: {config.target_episodes}-episode check {mean:.1f} +/- {std:.1f}{bound}, "
-               f"{verdict} (target {target_return(config):g})")
-
-
-def finish_episode(agent: SACAgent, buffer, env, eval_env, writer: SummaryWriter, config: SACConfig,
-                   progress: Progress, episode_return: float, episode_length: int, time_limit_cut: bool,
-                   recent_returns: deque, bar: tqdm, session_start: float, session_start_step: int) -> None:
-    """Episode bookkeeping: logs, LR schedule, evaluation (and target check), periodic checkpoint."""
-    step = progress.global_step
-    recent_returns.append(episode_return)
-    steps_per_second = (step - session_start_step) / max(time.perf_counter() - session_start, 1e-9)
-    writer.add_scalar("charts/episode_return", episode_return, step)
-    writer.add_scalar("charts/episode_length", episode_length, step)
-    # 1 for an episode the time limit ended: on LunarLander, a lander that hovers instead of landing
-    writer.add_scalar("charts/episode_time_limit", float(time_limit_cut), step)
-    writer.add_scalar("charts/steps_per_second", steps_per_second, step)
-    if step >= config.update_after:
-        agent.step_schedulers()
-    postfix = {"ep": progress.episode, "return(10)": f"{np.mean(recent_returns):.1f}"}
-    if config.eval_every and progress.episode % config.eval_every == 0:
-        evaluate_and_log(agent, eval_env, writer, config, progress)
-        target = target_return(config)
-        if target is not None and progress.eval_history[-1][1] >= target:
-            check_target(agent, eval_env, writer, config, progress,
-                         f"the {config.eval_episodes}-episode evaluation reached {target:g}")
-    if progress.eval_history:
-        postfix["eval"] = f"{progress.eval_history[-1][1]:.1f}"
-    bar.set_postfix(postfix, refresh=False)
-    if progress.episode % config.checkpoint_every == 0:
-        path = save_checkpoint(agent, buffer, progress, env, config, f"step_{step:09d}", True, writer)
-        prune_checkpoints(path.parent, config.keep_checkpoints)
+    """Set the run up, train until it is done or stopped, and end it; returns the exit code."""
+    with contextlib.ExitStack() as stack:
+        run = start_run(args, given, stack)
+        try:
+            try:
+                train_until_done(run)
+            except StopNow:
+                pass
+            finally:
+                run.stop.disarm()
+            run.display.close()
+            return stop_on_signal(run) if run.stop.requested else finish_run(run)
+        except (OSError, WriteError) as error:
+            raise write_failure(error, run.config.run_name) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,7 +125,9 @@ def visualize(args: argparse.Namespace) -> None:
             warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
             env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, name_prefix=prefix)
     mode = "stochastic" if args.stochastic else "deterministic"
-    print(f"{agent.env_id}: {args.episodes} {mode} episodes of {path}")
+    made_by = (f"trained at commit {agent.trained_at_commit}" if agent.trained_at_commit
+               else "from before checkpoints recorded their commit")
+    print(f"{agent.env_id}: {args.episodes} {mode} episodes of {path} ({made_by})")
 
     def play() -> list[float]:
         try:

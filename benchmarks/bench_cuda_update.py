@@ -36,10 +36,10 @@ def filled_buffer(config: SACConfig, device: torch.device) -> ReplayBuffer:
 
 
 def median_update_ms(agent: SACAgent, buffer: ReplayBuffer, repeats: int, updates: int) -> float:
-    """Median over repeats of the mean wall-clock ms of sample + update + update_priorities."""
+    """Median over repeats of the mean wall-clock ms of sample + update + after_update (the priorities)."""
     def one_update() -> None:
-        batch = buffer.sample(agent.config.batch_size, 0.5)
-        buffer.update_priorities(batch.indices, agent.update(batch)["priorities"])
+        batch = next(buffer.batches(1, agent.config.batch_size))
+        buffer.after_update(batch, agent.update(batch))
 
     for _ in range(20):
         one_update()
@@ -56,7 +56,7 @@ def median_update_ms(agent: SACAgent, buffer: ReplayBuffer, repeats: int, update
 
 def update_is_sync_free(agent: SACAgent, buffer: ReplayBuffer) -> bool:
     """True when one update runs under sync debug mode 'error' without raising."""
-    batch = buffer.sample(agent.config.batch_size, 0.5)
+    batch = next(buffer.batches(1, agent.config.batch_size))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -214,9 +214,9 @@ def time_our_updates(agent: SACAgent, buffer: ReplayBuffer, n_updates: int) -> f
     """Seconds per iteration of train.py's inner update loop: sample, update, write priorities back."""
     start = time.perf_counter()
     for _ in range(n_updates):
-        batch = buffer.sample(BATCH_SIZE, PER_BETA)
+        batch = next(buffer.batches(1, BATCH_SIZE))
         metrics = agent.update(batch)
-        buffer.update_priorities(batch.indices, metrics["priorities"])
+        buffer.after_update(batch, metrics)
     return (time.perf_counter() - start) / n_updates
 
 
@@ -316,7 +316,7 @@ def bench_updates(data: Transitions, settings: Settings, repeats: int, with_sb3:
     columns = ["stored transitions", "our configuration", "ours ms/update"]
     columns += ["SB3 ms/update", "SB3 / ours"] if with_sb3 else []
     caption = (f"## 1. Gradient update time (batch {BATCH_SIZE}, hidden {HIDDEN_SIZE}x2, buffer capacity = fill)\n\n"
-               f"Ours: `buffer.sample` + `agent.update` + `buffer.update_priorities` (gradient clipping at 1.0 on); "
+               f"Ours: `buffer.batches` + `agent.update` + `buffer.after_update` (gradient clipping at 1.0 on); "
                f"compiled rows run the step through `torch.compile` (compiled before timing). "
                f"Each figure: median over {repeats} repeats of {settings.timed_updates} updates, after "
                f"{settings.warmup_updates} warm-up updates.")

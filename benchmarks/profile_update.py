@@ -46,8 +46,8 @@ def main() -> None:
                    rng.standard_normal(OBS_DIM), False)
 
     def one_update() -> None:
-        batch = buffer.sample(256, 0.5)
-        buffer.update_priorities(batch.indices, agent.update(batch)["priorities"])
+        batch = next(buffer.batches(1, 256))
+        buffer.after_update(batch, agent.update(batch))
 
     for _ in range(UPDATES):
         one_update()

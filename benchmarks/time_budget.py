@@ -205,12 +205,12 @@ def timed_phases(clock: PhaseClock) -> ExitStack:
         collector.push = clock.wrap(STORING, collector.push, unit="env step")
         return collector
 
-    def update_round(agent: SACAgent, buffer: Any, writer: Any, config: Any, progress: Any) -> None:
+    def update_round(run: Any) -> None:
         nonlocal rounds
         name = FIRST_ROUND if rounds == 0 else LATER_ROUNDS
         rounds += 1
-        with clock(name, units=config.update_every * config.updates_per_step, unit="gradient step"):
-            real_update_round(agent, buffer, writer, config, progress)
+        with clock(name, units=run.config.update_every * run.config.updates_per_step, unit="gradient step"):
+            real_update_round(run)
 
     class TimedTqdm(train.tqdm):
         def update(self, n: float = 1) -> bool | None:

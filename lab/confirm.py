@@ -25,8 +25,8 @@ import numpy as np
 from lab.configs import CONFIGS, VARIANTS
 from lab.tables import load_study, plot_curves, run_name
 from sac_model import (
-    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, check_lower_bound, checkpoint_files, evaluate_policy,
-    fail, load_agent_and_env, read_checkpoint, target_return,
+    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound, checkpoint_files,
+    evaluate_policy, fail, load_agent_and_env, read_checkpoint, target_return,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,8 +131,8 @@ class Study:
             self.save()
             raise SACError(f"{run} exited with code {returncode}; see {self.folder / (run + '.log')}")
         checkpoint = read_checkpoint(final)
-        training, config = checkpoint["training"], SACConfig(**checkpoint["metadata"]["config"])
-        record.update(steps=training["global_step"], cap=config.total_steps, checks=training["target_checks"],
+        training, config = TrainingState.of(checkpoint, final), SACConfig(**checkpoint["metadata"]["config"])
+        record.update(steps=training.global_step, cap=config.total_steps, checks=training.target_checks,
                       target=target_return(config), std_errors=config.target_std_errors,
                       target_episodes=config.target_episodes)
         agent, env = load_agent_and_env(final)

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
-from sac_model import CheckpointError, ConfigError, SACConfig, checkpoint_files, config_from_args, fail, read_checkpoint
+from sac_model import (
+    CheckpointError, ConfigError, SACConfig, checkpoint_files, config_from_args, fail, flag, read_checkpoint,
+)
 from train import RESUME_OVERRIDABLE, changed_flags, flags_given, parse_args as parse_train_args
 
 try:
@@ -85,9 +87,9 @@ def check_study_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
     """Check the shared flags and split --train-args; any problem is one line on stderr and exit code 2."""
     if not args.name or Path(args.name).name != args.name:
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
-    for flag in ("budget", "eval_every", "eval_episodes", "max_concurrent", "cpus_per_trial", *positive):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for name in ("budget", "eval_every", "eval_episodes", "max_concurrent", "cpus_per_trial", *positive):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"{flag(name)} must be positive, got {getattr(args, name)}")
     try:
         args.train_args = None if args.train_args is None else shlex.split(args.train_args)
     except ValueError as error:
@@ -132,8 +134,7 @@ def study_settings(args: argparse.Namespace, study_dir: Path, parser: argparse.A
     for key, default in defaults.items():
         given = getattr(args, key, None)
         if saved and given is not None and given != saved.get(key, default):
-            flag = f"--{key.replace('_', '-')}"
-            parser.error(f"study {args.name!r} was run with {flag} {saved.get(key, default)!r}, not {given!r}: "
+            parser.error(f"study {args.name!r} was run with {flag(key)} {saved.get(key, default)!r}, not {given!r}: "
                          "leave it out or choose a new --name")
         settings[key] = saved.get(key, default) if given is None else given
     return settings
@@ -147,7 +148,7 @@ def check_train_args(train_args: list[str], trial_flags: list[list[str]], parser
     if parse_train_args(train_args).resume is not None:
         own.append("resume")
     if own:
-        parser.error(f"--train-args may not set --{own[0].replace('_', '-')}: the study sets it for every trial")
+        parser.error(f"--train-args may not set {flag(own[0])}: the study sets it for every trial")
     for flags in trial_flags:
         try:
             config_from_args(parse_train_args(flags)).validate()
@@ -193,7 +194,7 @@ def refuse_foreign_trials(flags: dict[str, list[str]], study_dir: Path, parser: 
         if foreign:
             name = foreign[0]
             parser.error(f"trial folder {files[-1].parent} is not this study's {run}: it was trained with "
-                         f"--{name.replace('_', '-')} {getattr(config, name)}, the study sets "
+                         f"{flag(name)} {getattr(config, name)}, the study sets "
                          f"{getattr(trial_args, name)}; move it away or choose another --name")
 
 

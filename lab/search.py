@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sac_model import OneLineErrorParser, SACConfig
+from sac_model import OneLineErrorParser, SACConfig, flag
 from lab.tables import (
     Curve, CurveReader, SearchTrial, area_under_curve, format_param, load_search, load_study, run_name, search_table,
     trial_progress,
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def trial_flags(settings: dict, params: dict, name: str, seed: int, threads: int) -> list[str]:
     """The train.py flags of one seed of a trial: the study's, then the trial's hyperparameters."""
-    hyperparameters = [item for key, value in params.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    hyperparameters = [item for key, value in params.items() for item in (flag(key), str(value))]
     return [*common_train_flags(settings, seed, threads), *hyperparameters, "--run-name", run_name(name, seed)]
 
 
@@ -164,7 +164,7 @@ def best_command(params: dict) -> str:
     """The train.py command line of a trial's hyperparameters (floats to 3 significant digits)."""
     return shlex.join(["python", "train.py",
                        *(item for key, value in params.items()
-                         for item in (f"--{key.replace('_', '-')}", format_param(value)))])
+                         for item in (flag(key), format_param(value)))])
 
 
 def first_rung_objectives(study_dir: Path, settings: dict) -> dict[str, float]:

@@ -38,7 +38,6 @@ from sac_model import (
     ConfigError,
     GaussianPolicy,
     PrioritizedReplayBuffer,
-    QNetwork,
     ReplayBuffer,
     SACAgent,
     SACConfig,
@@ -53,6 +52,7 @@ from sac_model import (
     init_adam_state,
     find_checkpoint,
     make_env,
+    mlp_trunk,
     per_beta,
     prune_checkpoints,
     read_checkpoint,
@@ -471,20 +471,21 @@ def test_uniform_round_batches_are_the_batches_sample_would_draw(stored, batch_s
 def test_prioritized_round_samples_each_batch_after_the_previous_steps_priorities():
     """A round's prioritized batches are drawn one at a time: each must see the priorities written after the
     batch before it, as the per-step loop did (drawn ahead, they would follow stale priorities)."""
-    buffers = [PrioritizedReplayBuffer(64, 3, 1, alpha=1.0, seed=3) for _ in range(2)]
+    buffers = [PrioritizedReplayBuffer(64, 3, 1, alpha=1.0, seed=3, beta_at=lambda step: 0.5 + step / 1000)
+               for _ in range(2)]
     for buffer in buffers:
         fill(buffer, 50)
     priorities = [torch.rand(16, generator=torch.Generator().manual_seed(i)) * 10 ** (i % 3) for i in range(6)]
     expected = []
     for step in range(6):
-        batch = buffers[0].sample(16, 0.5)
+        batch = buffers[0].sample(16, 0.6)
         buffers[0].update_priorities(batch.indices, priorities[step])
         expected.append(batch)
-    for step, batch in enumerate(buffers[1].batches(6, 16, 0.5)):
+    for step, batch in enumerate(buffers[1].batches(6, 16, step=100)):  # beta 0.6 at env step 100
         np.testing.assert_array_equal(batch.indices, expected[step].indices)
         for name in BATCH_FIELDS:
             assert torch.equal(getattr(batch, name), getattr(expected[step], name)), name
-        buffers[1].update_priorities(batch.indices, priorities[step])
+        buffers[1].after_update(batch, {"priorities": priorities[step]})
     np.testing.assert_array_equal(buffers[1].tree.leaves, buffers[0].tree.leaves)
 
 
@@ -690,9 +691,9 @@ def test_critic_updates_lower_td_loss_on_fixed_batch():
     losses = []
     for _ in range(60):
         metrics = agent.update(batch)
-        losses.append((metrics["critic1_loss"].item(), metrics["critic2_loss"].item()))
-        assert set(metrics) >= {"critic1_loss", "critic2_loss", "actor_loss", "alpha_loss", "alpha", "mean_q",
-                                "entropy", "priorities"}
+        losses.append((metrics["losses/critic1"].item(), metrics["losses/critic2"].item()))
+        assert set(metrics) >= {"losses/critic1", "losses/critic2", "losses/actor", "losses/alpha", "charts/alpha", "charts/mean_q",
+                                "charts/entropy", "priorities"}
     losses = np.array(losses)
     assert np.all(np.isfinite(losses))
     start, end = losses[:3].mean(0), losses[-5:].mean(0)
@@ -714,7 +715,7 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
     metrics = agent.update(batch)
     expected = (q_before - targets).abs().mean(0) + sac_model.PRIORITY_EPS
     torch.testing.assert_close(metrics["priorities"], expected, rtol=0, atol=1e-7)  # tight enough to see the 1e-6
-    torch.testing.assert_close(metrics["critic1_loss"], (q_before[0] - targets).pow(2).mean())
+    torch.testing.assert_close(metrics["losses/critic1"], (q_before[0] - targets).pow(2).mean())
 
 
 def test_critic_targets_bootstrap_only_when_not_terminated_discounted_by_gamma_to_the_horizon():
@@ -1048,7 +1049,7 @@ def test_whole_update_moves_temperature_right_way(log_std_bias, direction):
     start = agent.log_alpha.item()
     for _ in range(3):
         metrics = agent.update(batch)
-        assert direction * (-metrics["entropy"].item() + agent.target_entropy) > 0
+        assert direction * (-metrics["charts/entropy"].item() + agent.target_entropy) > 0
     assert direction * (agent.log_alpha.item() - start) > 0.02
 
 
@@ -1085,7 +1086,7 @@ def test_save_load_round_trip_gives_identical_actions_and_updates(tmp_path):
     m1 = agent.update(batch)
     torch.manual_seed(1)
     m2 = loaded.update(batch)
-    for key in ("critic1_loss", "critic2_loss", "actor_loss", "alpha_loss"):
+    for key in ("losses/critic1", "losses/critic2", "losses/actor", "losses/alpha"):
         torch.testing.assert_close(m1[key], m2[key])
     for x, y in zip(agent.critic.parameters(), loaded.critic.parameters()):
         torch.testing.assert_close(x, y)
@@ -1114,6 +1115,36 @@ def test_checkpoint_metadata_and_weights_only_loading(tmp_path):
 # 11-12. Fused critics
 # ============================================================================================
 
+class QNetwork(nn.Module):
+    """One critic as a plain MLP on the concatenated state and action: the oracle TwinQNetwork is checked
+    against (the agent itself only ever uses the ensemble)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int, layer_norm: bool) -> None:
+        super().__init__()
+        self.trunk = mlp_trunk(obs_dim + action_dim, hidden_size, layer_norm)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(torch.cat([obs, action], dim=-1))).squeeze(-1)
+
+
+def twin_from_q_networks(networks: list[QNetwork]) -> TwinQNetwork:
+    """An ensemble holding copies of the given critics' parameters: critic i is slice i of every tensor."""
+    first_linear = networks[0].trunk[0]
+    layer_norm = any(isinstance(m, nn.LayerNorm) for m in networks[0].trunk)
+    ensemble = TwinQNetwork(first_linear.in_features, 0, first_linear.out_features, layer_norm, len(networks))
+    with torch.no_grad():
+        for i, net in enumerate(networks):
+            linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
+            for layer, linear in enumerate(linears):
+                ensemble.weights[layer][i] = linear.weight.T
+                ensemble.biases[layer][i, 0] = linear.bias
+            for layer, norm in enumerate(m for m in net.trunk if isinstance(m, nn.LayerNorm)):
+                ensemble.norm_weights[layer][i, 0] = norm.weight
+                ensemble.norm_biases[layer][i, 0] = norm.bias
+    return ensemble
+
+
 def _separate_critics(obs_dim: int, action_dim: int, layer_norm: bool) -> list[QNetwork]:
     torch.manual_seed(11)
     nets = [QNetwork(obs_dim, action_dim, HIDDEN, layer_norm) for _ in range(2)]
@@ -1130,7 +1161,7 @@ def _separate_critics(obs_dim: int, action_dim: int, layer_norm: bool) -> list[Q
 def test_twin_q_network_matches_separate_critics_outputs_and_gradients(layer_norm):
     obs_dim, action_dim = 5, 2
     nets = _separate_critics(obs_dim, action_dim, layer_norm)
-    twin = TwinQNetwork.from_q_networks(nets)
+    twin = twin_from_q_networks(nets)
     assert twin.layer_norm == layer_norm
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(40, obs_dim, generator=g)
@@ -1209,7 +1240,7 @@ def test_clip_grad_norm_matches_torch_clip_grad_norm(max_norm):
 def test_clip_grad_norm_per_member_matches_separate_clipping(max_norm):
     obs_dim, action_dim = 4, 2
     nets = _separate_critics(obs_dim, action_dim, True)
-    twin = TwinQNetwork.from_q_networks(nets)
+    twin = twin_from_q_networks(nets)
     g = torch.Generator().manual_seed(1)
     obs, action = torch.randn(32, obs_dim, generator=g), torch.randn(32, action_dim, generator=g)
     scales = torch.tensor([[30.0], [0.3]])  # critic 0 gets large gradients, critic 1 small ones
@@ -1557,7 +1588,7 @@ def test_cuda_graph_replays_the_compiled_step_in_every_parameter_moment_and_metr
             metrics.append(agent.update(on_device(batch, device)))
         for name in metrics[0]:
             torch.testing.assert_close(metrics[1][name], metrics[0][name], rtol=1e-4, atol=1e-5, msg=name)
-        held.append(metrics[1]["critic1_loss"])
+        held.append(metrics[1]["losses/critic1"])
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before
     assert len({loss.item() for loss in held}) == len(held)  # earlier outputs survive later replays
     plain, graphed = (_flat_tensors(agent.state_dict()) for agent in agents)

@@ -5,6 +5,7 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import sac_model
-from sac_model import PRESETS, SACAgent, config_from_args, read_checkpoint
+import train
+from sac_model import PRESETS, SACAgent, SACConfig, config_from_args, read_checkpoint
 from train import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +30,13 @@ TESTS = Path(__file__).resolve().parent
 # Pendulum-v1: 200-step episodes (always truncated), action bounds [-2, 2]; small networks keep it fast.
 SMALL = ["--env", "Pendulum-v1", "--hidden-size", "32", "--batch-size", "32", "--buffer-size", "5000",
          "--start-steps", "200", "--update-after", "200", "--threads", "1", "--device", "cpu", "--no-compile"]
-EXPECTED_TAGS = {
-    "losses/critic1", "losses/critic2", "losses/actor", "losses/alpha", "charts/alpha", "charts/mean_q",
-    "charts/entropy", "charts/lr_actor", "charts/lr_critic", "charts/lr_alpha", "charts/per_beta",
-    "charts/episode_return", "charts/episode_length", "charts/steps_per_second", "eval/return_mean",
-    "eval/return_std", "charts/n_step_horizon", "charts/episode_time_limit",
-}
+TARGET_CHECK_TAGS = {"eval/target_check_mean", "eval/target_check_std", "eval/target_check_lower_bound",
+                     "eval/target_check_passed"}  # logged only by a run with a --target-return
+
+
+def documented_tags() -> set[str]:
+    """The TensorBoard tags docs/training.md's table documents."""
+    return set(re.findall(r"`((?:charts|losses|eval)/\w+)`", (REPO / "docs" / "training.md").read_text()))
 
 
 def script_env() -> dict[str, str]:
@@ -108,7 +111,9 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_train_writes_tensorboard_tags_and_checkpoints(trained_run: Path) -> None:
     events = scalar_tags(trained_run / "runs" / "small")
-    assert EXPECTED_TAGS <= set(events.Tags()["scalars"])
+    # Every tag the run writes (the gradient step's metrics are logged under their own names) is documented,
+    # and the docs name no tag a run does not write: adding a metric fails here until the docs' table has it.
+    assert set(events.Tags()["scalars"]) == documented_tags() - TARGET_CHECK_TAGS
     returns = events.Scalars("charts/episode_return")
     assert [e.step for e in returns] == [200 * i for i in range(1, 7)]
     assert [e.step for e in events.Scalars("eval/return_mean")] == [600, 1200]
@@ -243,6 +248,89 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_a_readable_tensorboard_log(tmp
     assert len(saved) == 1
     assert read_checkpoint(saved[0])["training"]["global_step"] >= 400
     assert len(_episode_events(run_dir)) >= 2
+
+
+def test_a_run_interrupted_by_sigint_mid_episode_resumes_bitwise_like_the_uninterrupted_run(tmp_path: Path) -> None:
+    common = [*SMALL, "--episodes", "8", "--eval-every", "2", "--eval-episodes", "1", "--total-steps", "1600"]
+    whole = run_script("train.py", tmp_path, *common, "--run-name", "whole")
+    assert whole.returncode == 0, whole.stderr
+    process = start_train(tmp_path, *common, "--run-name", "split")
+    run_dir = tmp_path / "runs" / "split"
+    wait_for(lambda: run_dir.exists() and any(e.step >= 400 for e in _episode_events(run_dir)))
+    time.sleep(0.1)  # into the next episode: the signal lands mid-episode
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "SIGINT: finishing the current episode" in stderr and "it resumes exactly" in stderr, stderr
+    saved = read_checkpoint(next((tmp_path / "checkpoints" / "split").glob("step_*.pt")))["training"]
+    assert saved["episode_finished"] and saved["global_step"] % 200 == 0 and saved["global_step"] < 1600
+    resumed = run_script("train.py", tmp_path, "--resume", "split")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "exactly (an end-of-episode checkpoint with its buffer)" in resumed.stdout
+    expected = state_tensors(tmp_path / "checkpoints" / "whole" / "final.pt")
+    actual = state_tensors(tmp_path / "checkpoints" / "split" / "final.pt")
+    assert expected.keys() == actual.keys() and len(expected) > 20
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
+def test_a_second_sigint_stops_at_once_mid_episode_and_the_resume_says_why_it_is_approximate(tmp_path: Path) -> None:
+    # 1000-step episodes take seconds here: stopping "at once" cannot be waiting for the episode's end.
+    args = [*SMALL, "--max-steps", "1000", "--episodes", "100", "--eval-every", "0", "--run-name", "twice"]
+    process = start_train(tmp_path, *args)
+    run_dir = tmp_path / "runs" / "twice"
+    wait_for(lambda: run_dir.exists() and any(e.step >= 1000 for e in _episode_events(run_dir)))
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    second = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    stopped_after = time.monotonic() - second
+    assert process.returncode == 130, stderr
+    assert "stopped mid-episode" in stderr and "it resumes approximately" in stderr and "Traceback" not in stderr
+    assert stopped_after < 3.0, stopped_after  # measured well under 1 s on an idle 2-core machine
+    saved = read_checkpoint(next((tmp_path / "checkpoints" / "twice").glob("step_*.pt")))["training"]
+    assert not saved["episode_finished"] and saved["global_step"] % 1000 != 0
+    resumed = run_script("train.py", tmp_path, "--resume", "twice", "--episodes", str(saved["episode"] + 1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "approximately, because it was written mid-episode" in resumed.stdout
+
+
+def test_sigterm_finishes_the_episode_only_within_its_grace_period(tmp_path: Path) -> None:
+    # An episode of 20,000 env steps takes far longer than the grace period: SIGTERM stops mid-episode.
+    args = [*SMALL, "--max-steps", "20000", "--episodes", "5", "--eval-every", "0", "--run-name", "term"]
+    process = start_train(tmp_path, *args)
+    folder = tmp_path / "runs" / "term"
+    wait_for(lambda: folder.exists())
+    time.sleep(3.0)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert f"if it ends within {train.SIGTERM_GRACE_SECONDS:g} s" in stderr and "stopped mid-episode" in stderr
+    assert train.SIGTERM_GRACE_SECONDS <= time.monotonic() - sent < train.SIGTERM_GRACE_SECONDS + 5
+    saved = read_checkpoint(next((tmp_path / "checkpoints" / "term").glob("step_*.pt")))["training"]
+    assert not saved["episode_finished"] and saved["episode"] == 0
+
+
+def test_the_first_lines_name_the_run_its_folders_the_device_and_the_stop_rule(tmp_path: Path) -> None:
+    result = run_script("train.py", tmp_path, *SMALL, "--env", "LunarLanderContinuous-v3", "--episodes", "1",
+                        "--max-steps", "50", "--eval-every", "0", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    name = lines[0].removeprefix("run: ").removesuffix(" (new)")
+    assert name.startswith("LunarLanderContinuous-v3__seed7__") and lines[0].endswith("(new)")
+    assert lines[1] == f"logs: runs/{name}/ (watch them with: tensorboard --logdir runs)"
+    assert lines[2] == f"checkpoints: checkpoints/{name}/ (every 50 episodes and the final agent)"
+    assert lines[3] == "device: cpu, 1 CPU thread; gradient step: eager"
+    assert lines[4].startswith("precision: fp32")
+    assert lines[5] == "the run trains its whole budget, at most 50 env steps or 1 episode (no --target-return)"
+    assert lines[6].startswith("Ctrl-C finishes the current episode")
+    assert (tmp_path / "checkpoints" / name / "final.pt").is_file() and (tmp_path / "runs" / name).is_dir()
+    default = train.stop_rule(SACConfig(), 300_000)
+    assert default == ("stops when solved: once a 10-episode evaluation (every 10 episodes) reaches 200, 100 fresh "
+                       "episodes decide (its mean minus 2 standard errors >= 200); at most 300,000 env steps")
 
 
 def _episode_events(run_dir: Path) -> list:
@@ -463,7 +551,9 @@ def test_a_run_that_reaches_its_target_return_stops_early_with_a_final_agent(tmp
     training = read_checkpoint(tmp_path / "checkpoints" / "solved" / "final.pt")["training"]
     assert training["global_step"] == 400 and training["episode"] == 2
     assert [check[0] for check in training["target_checks"]] == [400]
-    checks = scalar_tags(tmp_path / "runs" / "solved").Scalars("eval/target_check_mean")
+    events = scalar_tags(tmp_path / "runs" / "solved")
+    assert TARGET_CHECK_TAGS <= set(events.Tags()["scalars"]) and TARGET_CHECK_TAGS <= documented_tags()
+    checks = events.Scalars("eval/target_check_mean")
     assert [e.step for e in checks] == [400] and checks[0].value == pytest.approx(training["target_checks"][0][1])
 
 
