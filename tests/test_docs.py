@@ -1,11 +1,16 @@
 """The documentation's links: every relative link and image in README.md and docs/ points to a file
-(and heading) that exists, and the README cites no issue numbers. Reads files only; no training."""
+(and heading) that exists, and the README cites no issue numbers; the commit and machine line that heads
+every page the study tools write. Reads files and runs git; no training."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from lab.provenance import git_commit, machine, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
@@ -66,3 +71,27 @@ def test_readme_cites_no_issue_numbers() -> None:
     assert ISSUE_REFERENCE.findall((REPO / "README.md").read_text()) == []
     assert ISSUE_REFERENCE.findall("fixed in issue #10, see #3") == ["#10", "#3"]
     assert ISSUE_REFERENCE.findall("[What to expect](#what-to-expect) &#39;") == []
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_a_page_header_names_the_commit_and_whether_the_code_differs_from_it(tmp_path: Path) -> None:
+    assert git_commit(tmp_path) is None and provenance(tmp_path).startswith("Ran at an unknown commit")
+    git(tmp_path, "init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    (tmp_path / "docs" / "page.md").write_text("# A page\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True).stdout.strip()
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "docs" / "page.md").write_text("# A page, rewritten by the study that is running\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert provenance(tmp_path) == f"Ran at commit `{sha}` on {machine()}."
+    (tmp_path / "train.py").write_text("steps = 2\n")
+    assert provenance(tmp_path) == f"Ran at commit `{sha}` (with uncommitted changes) on {machine()}."
+    assert f"{os.cpu_count()} logical cores" in machine()
