@@ -67,6 +67,27 @@ def test_a_broken_link_or_heading_is_caught(tmp_path: Path) -> None:
                                   "other.md#no-such-heading (no heading #no-such-heading in other.md)"]
 
 
+def unindexed_pages(index: Path) -> list[str]:
+    """The Markdown pages under the index's folder (subfolders too) that the index does not link to."""
+    linked = {(index.parent / target.partition("#")[0]).resolve() for target in LINK.findall(prose(index.read_text()))}
+    pages = sorted(page for page in index.parent.rglob("*.md") if page != index)
+    return [str(page.relative_to(index.parent)) for page in pages if page.resolve() not in linked]
+
+
+def test_the_docs_index_links_every_page() -> None:
+    assert unindexed_pages(REPO / "docs" / "README.md") == []
+
+
+def test_a_page_missing_from_the_index_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    for page in ("question.md", "studies/listed.md", "studies/forgotten.md", "forgotten_too.md"):
+        (tmp_path / page).write_text("# A page\n")
+    index = tmp_path / "README.md"
+    index.write_text("[question](question.md#a-page) [listed](studies/listed.md)\n"
+                     "```\n[not a link](forgotten_too.md)\n```\n")
+    assert unindexed_pages(index) == ["forgotten_too.md", "studies/forgotten.md"]
+
+
 def test_no_page_cites_an_issue_number() -> None:
     # A reader of the repository has the git log, not the tracker the numbers pointed to.
     for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
