@@ -31,6 +31,7 @@ import torch
 
 from sac_model import OneLineErrorParser, SACError, evaluate_final_agent, fail
 from lab.configs import CONFIGS, VARIANTS
+from lab.provenance import provenance
 from lab.tables import (
     CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table,
     final_check_table, load_study, markdown_table, parse_run_name, plot_curves, run_name,
@@ -235,9 +236,10 @@ def final_agent_returns(study_dir: Path, episodes: int, workers: int) -> dict[st
 
 
 def results_markdown(name: str, settings: dict, table: str, notes: str, unfinished: dict[str, str]) -> str:
-    """results.md: what was run, the table(s), how to read them, the trials left out, the plot."""
+    """results.md: the commit and machine, what was run, the table(s), how to read them, the trials left out,
+    the plot."""
     train_args = shlex.join(settings["train_args"]) or "(none)"
-    lines = [f"# Study `{name}`", "",
+    lines = [f"# Study `{name}`", "", provenance(), "",
              f"Each trial: {settings['budget']:,} env steps of train.py; every {settings['eval_every']} training "
              f"episodes a deterministic evaluation over {settings['eval_episodes']} episodes; --target-return "
              f"{settings['target_return']}. Extra train.py flags: `{train_args}`.", "", table, "", notes, ""]

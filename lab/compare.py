@@ -3,7 +3,8 @@
     python -m lab.compare --name ablation_default_run --seeds 40-44 --baseline default_run_40 \\
         with_per=ablation_with_per with_lr_schedule=ablation_with_lr_schedule no_n_step=ablation_no_n_step
 
-Reads the results each study committed (docs/<study>.json) and writes docs/<name>.md: per configuration
+Reads the results each study committed (docs/studies/<study>.json) and writes docs/studies/<name>.md, headed
+by the commit and machine it was written at: per configuration
 the env steps to solved on each seed, how many seeds it solved, its median steps to solved, the median of
 its steps over the baseline's seed by seed, the final agents on unseen episodes, and on how many seeds it
 beat the baseline. A run beats another on the same seed when it ended solved in fewer env steps (solved
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.confirm import parse_seeds, solved_at, wall_minutes
+from lab.provenance import provenance
 from sac_model import OneLineErrorParser, SACError, fail
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,14 +84,15 @@ def median_text(values: list[float]) -> str:
 
 
 def comparison_page(name: str, seeds_text: str, baseline: str, studies: dict[str, str], docs: Path) -> str:
-    """docs/<name>.md: one row per configuration, the baseline's first; verdicts once every seed is finished."""
+    """docs/studies/<name>.md: one row per configuration, the baseline's first; verdicts once every seed is
+    finished."""
     seeds = parse_seeds(seeds_text)
     records = {label: load_records(docs, study) for label, study in {"defaults": baseline, **studies}.items()}
     common = [s for s in seeds if all(s in runs for runs in records.values())]
     if not common:
         raise SACError(f"no seed of {seeds[0]}-{seeds[-1]} is finished in every study yet")
     base = records["defaults"]
-    lines = [f"# Study `{name}`", "",
+    lines = [f"# Study `{name}`", "", provenance(), "",
              "Command: `python -m lab.compare --name " + name + " --seeds " + seeds_text +
              f" --baseline {baseline} " + " ".join(f"{k}={v}" for k, v in studies.items()) + "`", "",
              f"Seeds finished by every study: {', '.join(map(str, common))} (of {len(seeds)}). Cells: env steps to "
@@ -136,11 +139,12 @@ def parse_studies(pairs: list[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m lab.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="the comparison's page: docs/<name>.md")
+    parser.add_argument("--name", required=True, help="the comparison's page: docs/studies/<name>.md")
     parser.add_argument("--seeds", required=True, help="the seeds to compare, e.g. 40-44")
     parser.add_argument("--baseline", required=True, help="the defaults' lab.confirm study, e.g. default_run_40")
     parser.add_argument("studies", nargs="+", metavar="LABEL=STUDY", help="each configuration's lab.confirm study")
-    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where the studies' results are")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "studies",
+                        help="where the studies' results are, and the page goes")
     return parser
 
 

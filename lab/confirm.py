@@ -4,16 +4,16 @@
 
 Each seed is the run a user would start, plus `--threads 1` so that runs side by side share the cores
 fairly. As each run finishes, its final agent also plays episodes it never saw (seeds 1000-1099 by
-default) and its row enters docs/<name>.md (the curves in docs/<name>.png, the results in
-docs/<name>.json); `--commit` commits them at once, so a session that ends loses only the runs in
-flight. The same command resumes, on another machine too: the seeds in docs/<name>.json are done; an
-interrupted one continues from its newest checkpoint where that still exists, else starts over.
+default) and its row enters docs/studies/<name>.md (the curves in docs/studies/<name>.png, the results in
+docs/studies/<name>.json); `--commit` commits them at once, so a session that ends loses only the runs in
+flight. The same command resumes, on another machine too: the seeds in docs/studies/<name>.json are done; an
+interrupted one continues from its newest checkpoint where that still exists, else starts over. The page is
+headed by the commit and the machine it was last written at.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lab.configs import CONFIGS, VARIANTS
+from lab.provenance import provenance
 from lab.tables import load_study, plot_curves, run_name
 from sac_model import (
     CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound, checkpoint_files,
@@ -48,7 +49,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m lab.confirm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", required=True, help="study name: studies/<name>/ and docs/<name>.md")
+    parser.add_argument("--name", required=True, help="study name: studies/<name>/ and docs/studies/<name>.md")
     parser.add_argument("--seeds", required=True, help="seeds never used before, e.g. 40-49")
     parser.add_argument("--concurrent", type=int, default=2, help="runs at a time, one torch thread each")
     parser.add_argument("--config", choices=[*CONFIGS, *VARIANTS], default=None,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unseen-episodes", type=int, default=100, help="unseen episodes per final agent")
     parser.add_argument("--stop-after-unsolved", type=int, default=0,
                         help="start no new seed once this many have ended unsolved (a rule already lost); 0: never")
-    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs",
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "studies",
                         help="where <name>.md, .png and .json (the results, for resuming anywhere) go")
     parser.add_argument("--commit", action="store_true", help="git-commit <name>.md, .png and .json after each row")
     parser.add_argument("--report-only", action="store_true", help="rewrite the page from finished runs; run nothing")
@@ -168,25 +169,19 @@ def row_cells(record: dict) -> list[str]:
             f"{unseen.mean():.1f}", str(int((unseen >= 200).sum())), str(int((unseen < 0).sum()))]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def page(study: Study, seeds: list[int]) -> str:
-    """docs/<name>.md: the command, the rule's figures and one row per finished seed."""
+    """docs/studies/<name>.md: the commit and machine, the command, the rule's figures and one row per finished
+    seed."""
     args = study.args
     records = [study.record(s) for s in seeds if study.finished(s)]
     command = f"python -m lab.confirm --name {study.name} --seeds {args.seeds}" + (
         f" --config {args.config}" if args.config else "") + (
         f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
         f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "")
-    lines = [f"# Study `{study.name}`", "",
+    lines = [f"# Study `{study.name}`", "", provenance(), "",
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
-             f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time on "
-             f"{cpu_name()} ({len(records)} of {len(seeds)} seeds finished).", "",
+             f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time "
+             f"({len(records)} of {len(seeds)} seeds finished).", "",
              f"| seed | solved at env step | wall time (min) | last 100-episode check | checks | unseen episodes "
              f"{args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | >= 200 | < 0 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

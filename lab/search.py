@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from sac_model import OneLineErrorParser, SACConfig, flag
+from lab.provenance import provenance
 from lab.tables import (
     Curve, CurveReader, SearchTrial, area_under_curve, format_param, load_search, load_study, run_name, search_table,
     trial_progress,
@@ -202,14 +203,15 @@ def importance_section(trials: list[SearchTrial], objectives: dict[str, float], 
 
 
 def write_results(name: str, settings: dict, study_dir: Path) -> str:
-    """results.md: the trials sorted by objective with their hyperparameters, and the best one's command line."""
+    """results.md: the commit and machine, the trials sorted by objective with their hyperparameters, and the
+    best one's command line."""
     trials = load_search(study_dir, settings["budget"], SEARCH_SEEDS)
     complete = [trial for trial in trials if trial.complete]
     best = (f"Best complete trial: `{complete[0].name}`, objective {complete[0].objective:.1f}:\n\n"
             f"    {best_command(complete[0].params)}" if complete else "No trial has trained the whole budget yet.")
     train_args = shlex.join(settings["train_args"]) or "(none)"
     text = "\n".join([
-        f"# Search `{name}`", "",
+        f"# Search `{name}`", "", provenance(), "",
         f"{len(trials)} of {settings['trials']} trials; each: train.py on seeds {', '.join(map(str, SEARCH_SEEDS))} "
         f"for {settings['budget']:,} env steps, a deterministic evaluation over {settings['eval_episodes']} episodes "
         f"every {settings['eval_every']} training episodes. Extra train.py flags: `{train_args}`.", "",

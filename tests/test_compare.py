@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.compare import main, sign_test  # noqa: E402
+from lab.provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,7 @@ def test_each_configuration_is_judged_against_the_defaults_seed_by_seed(tmp_path
     assert main(["--name", "cmp", "--seeds", "40-44", "--baseline", "base", "--docs-dir", str(tmp_path),
                  "with_per=faster", "no_n_step=never", "with_lr_schedule=mixed"]) == 0
     page = (tmp_path / "cmp.md").read_text()
+    assert page.splitlines()[2] == provenance()  # under the title: this checkout's commit and this machine
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in page.splitlines()
             if line.startswith("| ") and "__" not in line and not line.startswith("| ---")}
     assert "Seeds finished by every study: 40, 41, 42, 43, 44 (of 5)" in page

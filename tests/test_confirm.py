@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.confirm import parse_seeds  # noqa: E402
+from lab.provenance import provenance  # noqa: E402
 from sac_model import SACError, read_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("start defaults__seed") == 2 and result.stdout.count("done defaults__seed") == 2
     page = (tmp_path / "docs" / "pilot.md").read_text()
+    assert page.splitlines()[2] == provenance()  # under the title: this checkout's commit and this machine
     rows = [line for line in page.splitlines() if line.startswith("| 3 |") or line.startswith("| 4 |")]
     assert len(rows) == 2 and all(row.split(" | ")[1] == "200" for row in rows)  # solved at env step 200
     assert "Solved: 2 of 2; median env steps to solved 200" in page

@@ -1,14 +1,20 @@
 """The documentation's links: every relative link and image in README.md and docs/ points to a file
-(and heading) that exists, and the README cites no issue numbers. Reads files only; no training."""
+(and heading) that exists, and no page cites an issue number; the commit and machine line that heads
+every page the study tools write. Reads files and runs git; no training."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from lab.provenance import git_commit, machine, provenance
+
 REPO = Path(__file__).resolve().parent.parent
-PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
+         *sorted((REPO / "docs" / "studies").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
 ISSUE_REFERENCE = re.compile(r"(?<![&\w])#\d+\b")
@@ -61,7 +67,54 @@ def test_a_broken_link_or_heading_is_caught(tmp_path: Path) -> None:
                                   "other.md#no-such-heading (no heading #no-such-heading in other.md)"]
 
 
-def test_readme_cites_no_issue_numbers() -> None:
-    assert ISSUE_REFERENCE.findall((REPO / "README.md").read_text()) == []
+def unindexed_pages(index: Path) -> list[str]:
+    """The Markdown pages under the index's folder (subfolders too) that the index does not link to."""
+    linked = {(index.parent / target.partition("#")[0]).resolve() for target in LINK.findall(prose(index.read_text()))}
+    pages = sorted(page for page in index.parent.rglob("*.md") if page != index)
+    return [str(page.relative_to(index.parent)) for page in pages if page.resolve() not in linked]
+
+
+def test_the_docs_index_links_every_page() -> None:
+    assert unindexed_pages(REPO / "docs" / "README.md") == []
+
+
+def test_a_page_missing_from_the_index_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "studies").mkdir()
+    for page in ("question.md", "studies/listed.md", "studies/forgotten.md", "forgotten_too.md"):
+        (tmp_path / page).write_text("# A page\n")
+    index = tmp_path / "README.md"
+    index.write_text("[question](question.md#a-page) [listed](studies/listed.md)\n"
+                     "```\n[not a link](forgotten_too.md)\n```\n")
+    assert unindexed_pages(index) == ["forgotten_too.md", "studies/forgotten.md"]
+
+
+def test_no_page_cites_an_issue_number() -> None:
+    # A reader of the repository has the git log, not the tracker the numbers pointed to.
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        assert ISSUE_REFERENCE.findall(page.read_text()) == [], page
     assert ISSUE_REFERENCE.findall("fixed in issue #10, see #3") == ["#10", "#3"]
     assert ISSUE_REFERENCE.findall("[What to expect](#what-to-expect) &#39;") == []
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_a_page_header_names_the_commit_and_whether_the_code_differs_from_it(tmp_path: Path) -> None:
+    assert git_commit(tmp_path) is None and provenance(tmp_path).startswith("Ran at an unknown commit")
+    git(tmp_path, "init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    (tmp_path / "docs" / "page.md").write_text("# A page\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True).stdout.strip()
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "docs" / "page.md").write_text("# A page, rewritten by the study that is running\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert provenance(tmp_path) == f"Ran at commit `{sha}` on {machine()}."
+    (tmp_path / "train.py").write_text("steps = 2\n")
+    assert provenance(tmp_path) == f"Ran at commit `{sha}` (with uncommitted changes) on {machine()}."
+    assert f"{os.cpu_count()} logical cores" in machine()

@@ -1389,9 +1389,9 @@ def test_config_defaults_are_the_default_run_design_on_the_searchs_trial():
         "uniform", 1.0, 300_000, 2.0, 3)
     assert (config.layer_norm, config.gamma, config.init_alpha, config.episodes) == (True, 0.99, 0.2, None)
     assert (config.eval_every, config.eval_episodes, config.target_episodes) == (10, 10, 100)
-    trial = re.search(r"docs/search_lunar_100k.md \(trial (\w+)\)", inspect.getsource(SACConfig)).group(1)
+    trial = re.search(r"docs/(?:studies/)?search_lunar_100k.md \(trial (\w+)\)", inspect.getsource(SACConfig)).group(1)
     table = [line.strip("| ").split(" | ") for line in
-             (Path(__file__).parents[1] / "docs" / "search_lunar_100k.md").read_text().splitlines()
+             (Path(__file__).parents[1] / "docs" / "studies" / "search_lunar_100k.md").read_text().splitlines()
              if line.startswith("| rank |") or f" | {trial} | " in line]
     header, row = table  # the header and exactly one row of that trial
     values = dict(zip(header, row))
