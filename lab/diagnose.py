@@ -5,7 +5,8 @@
 For each run folder (TensorBoard events written by train.py) and each window of env steps: the episodes
 that ended in it, their mean return, how many the time limit ended (on LunarLander: a lander hovering
 for 1000 steps) and the share of the window's steps those took, how many crashed (return below
---crash-below), and the temperature, policy entropy and mean Q logged there. Prints a Markdown table.
+--crash-below), and the temperature, policy entropy, mean Q and evaluation return logged there ("-" where
+none was). Prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def mean_between(steps: np.ndarray, values: np.ndarray, start: int, end: int) ->
     return float(values[inside].mean()) if inside.any() else float("nan")
 
 
+def cell(value: float, spec: str) -> str:
+    """A table cell: the value formatted, or "-" where nothing was logged (NaN)."""
+    return "-" if np.isnan(value) else format(value, spec)
+
+
 def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int) -> list[list[str]]:
     """One row per window of `window` env steps with at least one finished episode."""
     steps, returns, lengths = episodes(run_dir)
@@ -62,8 +68,8 @@ def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int)
         rows.append([f"{start // 1000}-{(start + window) // 1000}k", str(int(inside.sum())),
                      f"{returns[inside].mean():.1f}", str(int(cut[inside].sum())),
                      f"{steps_cut / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
-                     f"{mean_of['charts/alpha']:.3f}", f"{mean_of['charts/entropy']:.2f}",
-                     f"{mean_of['charts/mean_q']:.1f}", f"{mean_of['eval/return_mean']:.1f}"])
+                     cell(mean_of["charts/alpha"], ".3f"), cell(mean_of["charts/entropy"], ".2f"),
+                     cell(mean_of["charts/mean_q"], ".1f"), cell(mean_of["eval/return_mean"], ".1f")])
     return rows
 
 
@@ -97,13 +103,19 @@ def plot(run_dirs: list[Path], path: Path, smooth: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="python -m lab.diagnose", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="TensorBoard run folders (runs/<name>)")
-    parser.add_argument("--window", type=int, default=10_000, help="env steps per row")
-    parser.add_argument("--crash-below", type=float, default=-100.0, help="an episode below this return crashed")
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                        help="TensorBoard run folders (runs/<name>) to read.")
+    parser.add_argument("--window", type=int, default=10_000,
+                        help="Env steps per row of a run's table (default: %(default)s).")
+    parser.add_argument("--crash-below", type=float, default=-100.0,
+                        help="A training episode whose return is below this counts as a crash (default: %(default)s).")
     parser.add_argument("--time-limit", type=int, default=1000,
-                        help="for runs logged without charts/episode_time_limit: episodes this long count as cut")
-    parser.add_argument("--png", type=Path, default=None, help="also plot returns and lengths of the runs here")
-    parser.add_argument("--smooth", type=int, default=20, help="episodes per moving average in the plot")
+                        help="For runs logged without charts/episode_time_limit, episodes this long count as cut by "
+                             "the time limit (default: %(default)s).")
+    parser.add_argument("--png", type=Path, default=None, metavar="PATH",
+                        help="Also plot the runs' returns and lengths into this PNG file (default: no plot).")
+    parser.add_argument("--smooth", type=int, default=20,
+                        help="Episodes per moving average in the plot (default: %(default)s).")
     args = parser.parse_args(argv)
     missing = [str(run) for run in args.runs if not run.is_dir()]
     if missing:
