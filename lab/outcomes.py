@@ -12,7 +12,7 @@ length. It prints a table per outcome and a verdict on where the returns below 2
 The observation, as `LunarLander.step` in gymnasium/envs/box2d/lunar_lander.py builds it (world
 units: the viewport is 20 wide and 13.3 high, 50 steps a second):
 x = (pos.x - 10) / 10 (0 is the pad's middle, +-1 the viewport's edges), y = height above the
-pad's level / 6.67, vx = vel.x * 10 / 50, vy = vel.y * 6.67 / 50 (both per step-scaled: vx 1 is
+pad's level / 6.67, vx = vel.x * 10 / 50, vy = vel.y * 6.67 / 50 (vx 1 is
 5 world units a second, vy 1 is 7.5), angle in radians, angular velocity = 0.4 * rad/s, and the two
 legs' ground contacts (1 or 0). The reward of a step is the change of a shaping term (distance,
 speed, tilt, +10 a leg down) minus the fuel spent; a terminating step's reward is replaced by -100
