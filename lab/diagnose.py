@@ -1,11 +1,16 @@
-"""How a run spent its env steps: landing, crashing or hovering until the time limit, window by window.
+"""How a run spent its env steps window by window, or how a saved LunarLander agent lands and crashes.
 
     python -m lab.diagnose studies/diagnosis/runs/seed24 studies/diagnosis/runs/seed20 --png docs/failure.png
+    python -m lab.diagnose --agent pretrained/LunarLanderContinuous-v3.pt --episodes 100 --seed 1000
 
-For each run folder (TensorBoard events written by train.py) and each window of env steps: the episodes
-that ended in it, their mean return, how many the time limit ended (on LunarLander: a lander hovering
-for 1000 steps) and the share of the window's steps those took, how many crashed (return below
---crash-below), and the temperature, policy entropy and mean Q logged there. Prints a Markdown table.
+Run folders: for each (TensorBoard events written by train.py) and each window of env steps, the
+episodes that ended in it, their mean return, how many the time limit ended (on LunarLander: a
+lander hovering for 1000 steps) and the share of the window's steps those took, how many crashed
+(return below --crash-below), and the temperature, policy entropy, mean Q and evaluation return
+logged there ("-" where none was). Prints a Markdown table.
+
+--agent: the agent plays deterministic episodes and each is classified by how it ended, with its
+approach at the first ground contact and its fuel; see lab/outcomes.py.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from lab import outcomes
 from lab.tables import CurveReader
-from sac_model import OneLineErrorParser, fail
+from sac_model import OneLineErrorParser, SACError, fail
 
 COLUMNS = ("window", "episodes", "mean return", "time-limit episodes", "their share of steps", "crashes", "alpha",
            "entropy", "mean Q", "evaluation")
@@ -42,6 +48,11 @@ def mean_between(steps: np.ndarray, values: np.ndarray, start: int, end: int) ->
     return float(values[inside].mean()) if inside.any() else float("nan")
 
 
+def cell(value: float, spec: str) -> str:
+    """A table cell: the value formatted, or "-" where nothing was logged (NaN)."""
+    return "-" if np.isnan(value) else format(value, spec)
+
+
 def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int) -> list[list[str]]:
     """One row per window of `window` env steps with at least one finished episode."""
     steps, returns, lengths = episodes(run_dir)
@@ -62,8 +73,8 @@ def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int)
         rows.append([f"{start // 1000}-{(start + window) // 1000}k", str(int(inside.sum())),
                      f"{returns[inside].mean():.1f}", str(int(cut[inside].sum())),
                      f"{steps_cut / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
-                     f"{mean_of['charts/alpha']:.3f}", f"{mean_of['charts/entropy']:.2f}",
-                     f"{mean_of['charts/mean_q']:.1f}", f"{mean_of['eval/return_mean']:.1f}"])
+                     cell(mean_of["charts/alpha"], ".3f"), cell(mean_of["charts/entropy"], ".2f"),
+                     cell(mean_of["charts/mean_q"], ".1f"), cell(mean_of["eval/return_mean"], ".1f")])
     return rows
 
 
@@ -95,16 +106,58 @@ def plot(run_dirs: list[Path], path: Path, smooth: int) -> Path:
     return path
 
 
+def diagnose_agent(args: argparse.Namespace) -> None:
+    """The --agent mode: play, print the per-outcome table and the verdict, write the episodes if asked."""
+    if args.episodes <= 0:
+        fail("--episodes must be positive")
+    try:
+        reports = outcomes.diagnose_agent(args.agent, args.episodes, args.seed)
+    except SACError as error:
+        fail(str(error))
+    print(f"`{args.agent}`: {args.episodes} deterministic episodes, seeds {args.seed}-{args.seed + args.episodes - 1}",
+          end="\n\n")
+    print(outcomes.outcome_table(reports), end="\n\n")
+    print("\n".join(outcomes.verdict(reports)))
+    if args.output:
+        try:
+            print(f"wrote {outcomes.write_episodes(reports, args.output)}")
+        except OSError as error:
+            fail(f"cannot write {args.output}: {error.strerror or error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="python -m lab.diagnose", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="TensorBoard run folders (runs/<name>)")
-    parser.add_argument("--window", type=int, default=10_000, help="env steps per row")
-    parser.add_argument("--crash-below", type=float, default=-100.0, help="an episode below this return crashed")
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                        help="TensorBoard run folders (runs/<name>) to read.")
+    parser.add_argument("--window", type=int, default=10_000,
+                        help="Env steps per row of a run's table (default: %(default)s).")
+    parser.add_argument("--crash-below", type=float, default=-100.0,
+                        help="A training episode whose return is below this counts as a crash (default: %(default)s).")
     parser.add_argument("--time-limit", type=int, default=1000,
-                        help="for runs logged without charts/episode_time_limit: episodes this long count as cut")
-    parser.add_argument("--png", type=Path, default=None, help="also plot returns and lengths of the runs here")
-    parser.add_argument("--smooth", type=int, default=20, help="episodes per moving average in the plot")
+                        help="For runs logged without charts/episode_time_limit, episodes this long count as cut by "
+                             "the time limit (default: %(default)s).")
+    parser.add_argument("--png", type=Path, default=None, metavar="PATH",
+                        help="Also plot the runs' returns and lengths into this PNG file (default: no plot).")
+    parser.add_argument("--smooth", type=int, default=20,
+                        help="Episodes per moving average in the plot (default: %(default)s).")
+    agent = parser.add_argument_group("a saved agent (instead of run folders)")
+    agent.add_argument("--agent", type=Path, default=None, metavar="CHECKPOINT",
+                       help="Play this LunarLanderContinuous checkpoint and classify how each episode ends.")
+    agent.add_argument("--episodes", type=int, default=100, help="Episodes to play (default: %(default)s).")
+    agent.add_argument("--seed", type=int, default=1000,
+                       help="Episode i is reset with this seed plus i; the README's and lab.confirm's unseen episodes "
+                            "are 1000-1099 (default: %(default)s).")
+    agent.add_argument("--output", type=Path, default=None, metavar="PATH",
+                       help="Also write every episode's record here: JSON if the name ends in .json, else CSV "
+                            "(default: none written).")
     args = parser.parse_args(argv)
+    if args.agent is not None:
+        if args.runs:
+            fail("give either run folders or --agent, not both")
+        diagnose_agent(args)
+        return 0
+    if not args.runs:
+        fail("give run folders to read, or --agent CHECKPOINT")
     missing = [str(run) for run in args.runs if not run.is_dir()]
     if missing:
         fail(f"no run folder {missing[0]}")
