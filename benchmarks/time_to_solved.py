@@ -1,0 +1,570 @@
+"""Head to head: wall time to a landed lander, this repository's default run against Stable-Baselines3's
+SAC and sb3-contrib's TQC and CrossQ at rl-zoo3's tuned LunarLanderContinuous hyperparameters.
+
+    python benchmarks/time_to_solved.py --algos ours,sac,tqc,crossq --seeds 60-62 --threads 1 --parallel 2 --commit
+
+Every run is its own process with the same torch thread count, `--parallel` at a time, on the same seeds. Ours
+is `python train.py --seed N --threads 1` exactly as a user starts it; each peer is this script's worker
+(`--worker ALGO`) training the zoo's model with `learn`. All of them are judged by train.py's solved check,
+unchanged: after every 10th episode a 10-episode deterministic evaluation (seeds seed + EVAL_SEED_OFFSET);
+when its mean reaches the target (200), 100 deterministic episodes no earlier check played (seeds
+seed + TARGET_SEED_OFFSET + k x 100) decide: solved when their mean minus 2 standard errors reaches 200. A run
+stops when solved or at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1099.
+
+Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
+skips the (algorithm, seed) pairs the sidecar holds. A run that was interrupted starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lab.confirm import commit, cpu_name, parse_seeds  # noqa: E402  (the repository root has to be on the path first)
+from sac_model import (  # noqa: E402
+    CHECKPOINTS_DIR, EVAL_SEED_OFFSET, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError,
+    check_lower_bound, evaluate_policy, fail, load_agent_and_env, make_env, read_checkpoint, target_return,
+)
+
+ENV_ID = "LunarLanderContinuous-v3"
+OURS = "ours"
+PEERS = {"sac": ("stable_baselines3", "SAC"), "tqc": ("sb3_contrib", "TQC"), "crossq": ("sb3_contrib", "CrossQ")}
+ALGOS = (OURS, *PEERS)
+DEFAULT_CAP = 300_000
+UNSEEN_SEED, UNSEEN_EPISODES = 1000, 100
+RUN_PREFIX = "h2h"  # ours: runs/h2h_ours__seedN and checkpoints/h2h_ours__seedN under the repository root
+
+
+class ZooError(SACError):
+    """A zoo hyperparameter file or value this benchmark cannot reproduce faithfully."""
+
+
+# --------------------------------------------------------------------------------------------
+# rl-zoo3's hyperparameters, read from the files the installed rl_zoo3 package ships
+# --------------------------------------------------------------------------------------------
+
+class LinearSchedule:
+    """The zoo's `lin_<x>`: x times SB3's progress_remaining, from x at the start of `learn` to 0 at its end
+    (rl_zoo3's SimpleLinearSchedule)."""
+
+    def __init__(self, initial_value: float) -> None:
+        self.initial_value = float(initial_value)
+
+    def __call__(self, progress_remaining: float) -> float:
+        return progress_remaining * self.initial_value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LinearSchedule) and other.initial_value == self.initial_value
+
+    def __repr__(self) -> str:
+        return f"lin_{self.initial_value:g}"
+
+
+# The zoo converts these keys from "lin_<x>" strings (rl_zoo3.exp_manager's _preprocess_schedules).
+SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf", "delta_std")
+# The zoo evaluates these strings as Python; only policy_kwargs is read here, by a parser that runs no code.
+PYTHON_KEYS = ("policy_kwargs",)
+# Keys the zoo turns into wrappers, callbacks or env settings: reproducing them is not written, so refuse them.
+UNSUPPORTED_KEYS = ("normalize", "frame_stack", "env_wrapper", "vec_env_wrapper", "callback", "env_kwargs",
+                    "monitor_kwargs", "replay_buffer_class", "replay_buffer_kwargs")
+
+
+def parse_schedule(value: Any) -> Any:
+    """A zoo schedule value: "lin_7.3e-4" -> LinearSchedule(7.3e-4); a number stays a number (the zoo wraps it
+    in a constant schedule: the same values)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        kind, _, number = value.partition("_")
+        if kind == "lin":
+            try:
+                return LinearSchedule(float(number))
+            except ValueError:
+                pass
+    raise ZooError(f"schedule {value!r}: only 'lin_<number>' and numbers are understood")
+
+
+def parse_python_kwargs(text: str) -> dict:
+    """A zoo string such as "dict(net_arch=[400, 300], activation_fn=nn.ReLU)" as the dict it denotes, without
+    running code: dict(...) calls, literals, lists, tuples, and torch.nn classes named nn.X or th.nn.X."""
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [value(item) for item in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.Dict) and all(key is not None for key in node.keys):
+            return {value(key): value(item) for key, item in zip(node.keys, node.values)}
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return -node.operand.value
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
+                and not node.args and all(k.arg is not None for k in node.keywords)):
+            return {k.arg: value(k.value) for k in node.keywords}
+        dotted = ast.unparse(node) if isinstance(node, ast.Attribute) else ""
+        match = re.fullmatch(r"(?:th\.|torch\.)?nn\.(\w+)", dotted)
+        if match and isinstance(getattr(torch.nn, match.group(1), None), type):
+            return getattr(torch.nn, match.group(1))
+        raise ZooError(f"{text!r}: cannot read {ast.unparse(node)!r} (only dict(...), literals and nn.X)")
+
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise ZooError(f"{text!r}: not a Python expression") from None
+    result = value(tree.body)
+    if not isinstance(result, dict):
+        raise ZooError(f"{text!r}: expected a dict")
+    return result
+
+
+def zoo_hyperparams_file(algo: str) -> Path:
+    """rl_zoo3/hyperparams/<algo>.yml of the installed rl_zoo3, found without importing the package."""
+    spec = importlib.util.find_spec("rl_zoo3")
+    if spec is None or not spec.submodule_search_locations:
+        raise ZooError("rl_zoo3 is not installed: pip install -r requirements-bench.txt")
+    return Path(next(iter(spec.submodule_search_locations))) / "hyperparams" / f"{algo}.yml"
+
+
+def read_zoo_entry(path: Path, env_id: str = ENV_ID) -> tuple[str, dict]:
+    """The zoo's entry for `env_id` in a hyperparameter file, and the key it was found under: the id itself,
+    else the same env at another version (newest first; the zoo long knew LunarLander as -v2)."""
+    entries = yaml.safe_load(path.read_text())
+    if env_id in entries:
+        return env_id, dict(entries[env_id])
+    name = env_id.rpartition("-v")[0]
+    versions = sorted((int(m.group(1)), key) for key in entries
+                      if (m := re.fullmatch(re.escape(name) + r"-v(\d+)", str(key))))
+    if not versions:
+        raise ZooError(f"{path}: no entry for {env_id} (nor another version of it)")
+    key = versions[-1][1]
+    return key, dict(entries[key])
+
+
+def model_kwargs(entry: dict) -> tuple[dict, int]:
+    """A zoo entry as (keyword arguments of the model's constructor, the zoo's n_timesteps), converted as
+    rl_zoo3's ExperimentManager converts them; keys it would turn into wrappers or callbacks are refused."""
+    entry = dict(entry)
+    refused = [key for key in UNSUPPORTED_KEYS if key in entry]
+    if refused or entry.get("n_envs", 1) != 1:
+        raise ZooError(f"zoo settings this benchmark does not reproduce: {refused or 'n_envs'}")
+    entry.pop("n_envs", None)
+    budget = int(float(entry.pop("n_timesteps")))
+    for key in SCHEDULE_KEYS:
+        if key in entry:
+            entry[key] = parse_schedule(entry[key])
+    for key in PYTHON_KEYS:
+        if isinstance(entry.get(key), str):
+            entry[key] = parse_python_kwargs(entry[key])
+    if isinstance(entry.get("train_freq"), list):
+        entry["train_freq"] = tuple(entry["train_freq"])
+    return entry, budget
+
+
+def zoo_hyperparams(algo: str) -> tuple[str, dict, int]:
+    """(the key read, the model's keyword arguments, the zoo's budget) for `algo` on LunarLanderContinuous."""
+    key, entry = read_zoo_entry(zoo_hyperparams_file(algo))
+    kwargs, budget = model_kwargs(entry)
+    return key, kwargs, budget
+
+
+# --------------------------------------------------------------------------------------------
+# Our solved check, for an SB3 model
+# --------------------------------------------------------------------------------------------
+
+class SB3Actor:
+    """An SB3 model behind the one method sac_model.evaluate_policy calls, so that its episodes are played by
+    the repository's own evaluation loop."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def select_action(self, obs: np.ndarray, evaluate: bool = False) -> np.ndarray:
+        return self.model.predict(obs, deterministic=evaluate)[0]
+
+
+def check_config(seed: int, env_id: str = ENV_ID) -> SACConfig:
+    """train.py's defaults for this seed: where the check's cadence, episodes, target and bound are defined."""
+    return SACConfig(env=env_id, seed=seed)
+
+
+def solved(checks: list, config: SACConfig) -> bool:
+    """train.py's rule: the latest check's mean minus --target-std-errors standard errors reaches the target."""
+    target = target_return(config)
+    if target is None or not checks:
+        return False
+    _, mean, std = checks[-1]
+    return check_lower_bound(mean, std, config.target_episodes, config.target_std_errors) >= target
+
+
+def make_check_callback(eval_env, config: SACConfig, cap: int):
+    """The SB3 callback that runs train.py's check on the model it trains, and stops `learn` when solved or at
+    `cap` env steps."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class SolvedCheck(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.eval_env, self.config, self.cap = eval_env, config, cap
+            self.episodes = 0
+            self.evaluations: list[list[float]] = []  # [env step, mean, std], as train.py's eval_history
+            self.checks: list[list[float]] = []  # [env step, mean, std], as train.py's target_checks
+            self.check_seeds: list[int] = []
+
+        @property
+        def solved(self) -> bool:
+            return solved(self.checks, self.config)
+
+        def _on_step(self) -> bool:
+            for done in self.locals["dones"]:
+                if done:
+                    self.episodes += 1
+                    if self.config.eval_every and self.episodes % self.config.eval_every == 0:
+                        self.evaluate()
+                        target = target_return(self.config)
+                        if target is not None and self.evaluations[-1][1] >= target:
+                            self.check()
+                            if self.solved:
+                                return False
+            return self.num_timesteps < self.cap
+
+        def evaluate(self) -> None:
+            returns = evaluate_policy(SB3Actor(self.model), self.eval_env, self.config.eval_episodes,
+                                      self.config.seed + EVAL_SEED_OFFSET)
+            self.evaluations.append([self.num_timesteps, float(np.mean(returns)), float(np.std(returns))])
+
+        def check(self) -> None:
+            """train.py's check_target: episodes no earlier check played."""
+            first_seed = self.config.seed + TARGET_SEED_OFFSET + len(self.checks) * self.config.target_episodes
+            self.check_seeds.append(first_seed)
+            returns = evaluate_policy(SB3Actor(self.model), self.eval_env, self.config.target_episodes, first_seed)
+            self.checks.append([self.num_timesteps, float(np.mean(returns)), float(np.std(returns))])
+
+        def close_unsolved(self) -> None:
+            """What train.py does when its budget is spent: the final agent is evaluated, and checked for the
+            record, unless that already happened at this step."""
+            if self.config.eval_every and (not self.evaluations or self.evaluations[-1][0] != self.num_timesteps):
+                self.evaluate()
+            checked_now = bool(self.checks) and self.checks[-1][0] == self.num_timesteps
+            if target_return(self.config) is not None and not self.solved and not checked_now:
+                self.check()
+
+    return SolvedCheck()
+
+
+def peer_class(algo: str):
+    module, name = PEERS[algo]
+    return getattr(importlib.import_module(module), name)
+
+
+def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path) -> dict:
+    """The worker: train the zoo's model for `algo` until solved or `cap`, save it, return its record."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    torch.set_num_threads(threads)
+    key, kwargs, budget = zoo_hyperparams(algo)
+    env = make_vec_env(ENV_ID, n_envs=1, seed=seed)  # as the zoo makes it (one env, Monitor-wrapped)
+    model = peer_class(algo)(env=env, seed=seed, verbose=0, device="cpu", **kwargs)
+    eval_env = make_env(ENV_ID)
+    callback = make_check_callback(eval_env, check_config(seed), cap)
+    # The zoo's n_timesteps is the clock of its schedules (lin_ falls to 0 there); the cap stops the run earlier.
+    model.learn(total_timesteps=max(budget, cap), callback=callback)
+    if not callback.solved:
+        callback.close_unsolved()
+    eval_env.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / "model.zip")
+    record = {"steps": int(model.num_timesteps), "updates": int(model._n_updates), "episodes": callback.episodes,
+              "evaluations": callback.evaluations, "checks": callback.checks, "solved": callback.solved,
+              "zoo_key": key, "zoo_budget": budget, "learn_total_timesteps": max(budget, cap)}
+    (out_dir / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# The study: runs as processes, rows as they finish, a page and its JSON sidecar
+# --------------------------------------------------------------------------------------------
+
+def parse_algos(text: str) -> list[str]:
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in ALGOS]
+    if not algos or unknown or len(set(algos)) != len(algos):
+        raise SACError(f"--algos: expected distinct names among {','.join(ALGOS)}, got {text!r}")
+    return algos
+
+
+def parse_caps(text: str) -> dict[str, int]:
+    """'300000' (every algorithm) or '300000,crossq=200000' (a default and per-algorithm caps)."""
+    caps = dict.fromkeys(ALGOS, DEFAULT_CAP)
+    for part in text.split(","):
+        algo, equals, number = part.strip().rpartition("=")
+        if not number.isdigit() or int(number) <= 0 or (equals and algo not in ALGOS):
+            raise SACError(f"--cap: expected env steps like 300000 or ours=300000,crossq=200000, got {text!r}")
+        caps.update({algo: int(number)} if equals else dict.fromkeys(ALGOS, int(number)))
+    return caps
+
+
+def row_key(algo: str, seed: int) -> str:
+    return f"{algo}/{seed}"
+
+
+class Study:
+    """The results page, its JSON sidecar (rows, keyed algo/seed) and the scratch folder of the runs."""
+
+    def __init__(self, args: argparse.Namespace, command: str) -> None:
+        self.args, self.command = args, command
+        self.page_path = Path(args.output)
+        self.results_path = self.page_path.with_suffix(".json")
+        self.rows: dict[str, dict] = (json.loads(self.results_path.read_text())["rows"]
+                                      if self.results_path.is_file() else {})
+        self.work = Path(args.work_dir)
+        self.commands: dict[tuple[str, int], list[str]] = {}
+
+    def pending(self, algos: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+        return [(a, s) for s in seeds for a in algos if row_key(a, s) not in self.rows]
+
+    def save(self) -> list[Path]:
+        self.page_path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_path.write_text(json.dumps({"rows": self.rows}, indent=1))
+        self.page_path.write_text(page(self.rows, header(self.args, self.command)))
+        return [self.page_path, self.results_path]
+
+    def run_name(self, algo: str, seed: int) -> str:
+        return f"{RUN_PREFIX}_{algo}__seed{seed}"
+
+    def process_command(self, algo: str, seed: int) -> list[str]:
+        cap = self.args.caps[algo]
+        if algo == OURS:
+            command = [sys.executable, "train.py", "--seed", str(seed), "--threads", str(self.args.threads),
+                       "--run-name", self.run_name(algo, seed)]
+            if cap != SACConfig().total_steps:
+                command += ["--total-steps", str(cap)]
+            command += shlex.split(self.args.train_args)
+            if any((REPO / folder / self.run_name(algo, seed)).exists() for folder in (CHECKPOINTS_DIR, RUNS_DIR)):
+                command.append("--overwrite")  # an interrupted run of an earlier session: it starts over
+            return command
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", algo, "--seeds", str(seed),
+                "--threads", str(self.args.threads), "--cap", str(cap),
+                "--work-dir", str((self.work / self.run_name(algo, seed)).resolve())]
+
+    def start(self, algo: str, seed: int) -> dict:
+        """Start a run; a thread waits for its exit, so that its wall time ends there even while the study is
+        busy evaluating another run's final agent."""
+        command = self.commands[algo, seed] = self.process_command(algo, seed)
+        self.work.mkdir(parents=True, exist_ok=True)
+        log = open(self.work / f"{self.run_name(algo, seed)}.log", "w")
+        print(f"{time.strftime('%H:%M:%S')} start {algo} seed {seed}: {shown(command)}", flush=True)
+        run = {"started": time.perf_counter(), "process": subprocess.Popen(command, cwd=REPO, stdout=log,
+                                                                         stderr=subprocess.STDOUT)}
+
+        def wait() -> None:
+            run["process"].wait()
+            run["ended"] = time.perf_counter()
+            log.close()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return run
+
+    def finish(self, algo: str, seed: int, returncode: int, minutes: float) -> dict:
+        """The row of a finished run: its counters, and its final agent on the unseen episodes."""
+        log = self.work / f"{self.run_name(algo, seed)}.log"
+        if returncode != 0:
+            raise SACError(f"{algo} seed {seed} exited with code {returncode}; see {log}")
+        torch.set_num_threads(self.args.threads)
+        if algo == OURS:
+            final = REPO / CHECKPOINTS_DIR / self.run_name(algo, seed) / "final.pt"
+            checkpoint = read_checkpoint(final)
+            training, config = checkpoint["training"], SACConfig(**checkpoint["metadata"]["config"])
+            record = {"steps": training["global_step"], "updates": training["updates"],
+                      "episodes": training["episode"], "checks": training["target_checks"],
+                      "evaluations": training["eval_history"], "solved": solved(training["target_checks"], config)}
+            agent, env = load_agent_and_env(final)
+        else:
+            folder = self.work / self.run_name(algo, seed)
+            record = json.loads((folder / "record.json").read_text())
+            agent, env = SB3Actor(peer_class(algo).load(folder / "model.zip", device="cpu")), make_env(ENV_ID)
+        try:
+            unseen = evaluate_policy(agent, env, UNSEEN_EPISODES, UNSEEN_SEED)
+        finally:
+            env.close()
+        record.update(algo=algo, seed=seed, minutes=minutes, cap=self.args.caps[algo], unseen=unseen,
+                      command=shown(self.commands[algo, seed]), commit=git_commit())
+        self.rows[row_key(algo, seed)] = record
+        return record
+
+
+def shown(command: list[str]) -> str:
+    """A run's command as a user would type it in the repository root."""
+    return shlex.join(["python", *command[1:]]).replace(str(REPO) + "/", "")
+
+
+def run(study: Study, pairs: list[tuple[str, int]]) -> None:
+    """Run the pairs `--parallel` at a time; record, write (and commit) each row as its run finishes. A failed
+    run is reported at the end, after the others have finished; it gets no row, so the next session reruns it."""
+    waiting, running, failed = list(pairs), {}, []
+    while waiting or running:
+        while waiting and len(running) < study.args.parallel:
+            pair = waiting.pop(0)
+            running[pair] = study.start(*pair)
+        time.sleep(2)
+        for pair, process in list(running.items()):
+            if "ended" not in process:
+                continue
+            del running[pair]
+            try:
+                record = study.finish(*pair, process["process"].returncode,
+                                      (process["ended"] - process["started"]) / 60)
+            except SACError as error:
+                print(f"{time.strftime('%H:%M:%S')} failed: {error}", flush=True)
+                failed.append(str(error))
+                continue
+            paths = study.save()
+            cells = row_cells(record)
+            print(f"{time.strftime('%H:%M:%S')} done {' | '.join(cells)}", flush=True)
+            if study.args.commit:
+                commit(paths, f"time to solved: {pair[0]} seed {pair[1]} finished ({' | '.join(cells[2:])})")
+    if failed:
+        raise SACError(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = ["algorithm", "seed", "env steps", "gradient steps", "episodes", "wall time (min)", "solved",
+           "last 100-episode check", f"unseen {UNSEEN_SEED}-{UNSEEN_SEED + UNSEEN_EPISODES - 1}: mean",
+           "std", ">= 200", "< 0"]
+
+
+def row_cells(record: dict) -> list[str]:
+    unseen = np.asarray(record["unseen"])
+    check = record["checks"][-1] if record["checks"] else None
+    return [record["algo"], str(record["seed"]), f"{record['steps']:,}", f"{record['updates']:,}",
+            f"{record['episodes']:,}", f"{record['minutes']:.1f}",
+            "yes" if record["solved"] else f"no (cap {record['cap']:,})",
+            f"{check[1]:.1f} +/- {check[2]:.1f}" if check else "none", f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
+            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum()))]
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per algorithm: solved count, median wall time (an unsolved run counts with its time to the cap) and its
+    ratio to ours, median env steps, and the final agents' quality beside it."""
+    algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
+    by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
+    ours = float(np.median([r["minutes"] for r in by_algo[OURS]])) if OURS in by_algo else None
+    lines = ["| algorithm | runs | solved | median wall time (min) | x ours | median env steps | "
+             "unseen mean: median | unseen >= 200: median | unseen < 0: median |", "| --- " * 9 + "|"]
+    for algo, group in by_algo.items():
+        minutes = float(np.median([r["minutes"] for r in group]))
+        unseen = [np.asarray(r["unseen"]) for r in group]
+        ratio = f"{minutes / ours:.2f}" if ours else "n/a"
+        lines.append(f"| {algo} | {len(group)} | {sum(r['solved'] for r in group)} | {minutes:.1f} | {ratio} | "
+                     f"{np.median([r['steps'] for r in group]):,.0f} | {np.median([u.mean() for u in unseen]):.1f} | "
+                     f"{np.median([(u >= 200).sum() for u in unseen]):g} | "
+                     f"{np.median([(u < 0).sum() for u in unseen]):g} |")
+    return lines
+
+
+def header(args: argparse.Namespace, command: str) -> list[str]:
+    versions = ", ".join(f"{name} {package_version(name)}"
+                         for name in ("torch", "stable-baselines3", "sb3-contrib", "rl_zoo3", "gymnasium"))
+    return ["# Time to solved: ours against SB3's zoo-tuned SAC, TQC and CrossQ", "",
+            f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} torch thread(s) a run, {args.parallel} runs "
+            f"at a time; {versions}; git commit {git_commit()}.", "", f"Command: `{command}`", ""]
+
+
+def page(rows: dict[str, dict], head: list[str]) -> str:
+    ordered = sorted(rows.values(), key=lambda r: (ALGOS.index(r["algo"]), r["seed"]))
+    lines = [*head, "| " + " | ".join(COLUMNS) + " |", "| --- " * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in ordered]
+    if ordered:
+        lines += ["", *summary(ordered)]
+    commits = sorted({r["commit"] for r in ordered} - {git_commit()})
+    lines += ["", "Solved: train.py's check, unchanged (a 10-episode deterministic evaluation every 10 episodes; "
+              "when it reaches 200, 100 fresh deterministic episodes, passed at mean - 2 standard errors >= 200). "
+              "Wall time: the run's process from start to exit (imports and, for ours, compiling the step "
+              "included), unsolved runs at their cap. Unseen: the final agent, deterministic. Peers: rl-zoo3's "
+              "hyperparameters for the env, read from the installed package; `learn` is given the zoo's n_timesteps, "
+              "the clock of its lin_ schedules (500k for SAC and TQC; the cap where larger, as for CrossQ's 200k "
+              "without a schedule), and is stopped by the check or the cap. "
+              "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
+    if commits:
+        lines += ["", f"Rows of earlier sessions ran at commit(s) {', '.join(commits)}."]
+    return "\n".join(lines) + "\n"
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="python benchmarks/time_to_solved.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algos", default=",".join(ALGOS), help=f"among {','.join(ALGOS)} (default: all)")
+    parser.add_argument("--seeds", default="60-62", help="a range like 60-62 or a list like 60,61 (default: 60-62)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default: 1)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time, each its own process (default: 2)")
+    parser.add_argument("--cap", default=str(DEFAULT_CAP),
+                        help="most env steps a run takes: N, or per algorithm like 300000,crossq=200000 "
+                             f"(default: {DEFAULT_CAP})")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "time_to_solved.md"),
+                        help="the Markdown page; its JSON sidecar (.json) holds the raw rows and makes a rerun resume")
+    parser.add_argument("--train-args", default="",
+                        help="extra train.py flags for ours (a smoke test; the study has none)")
+    parser.add_argument("--work-dir", default=str(REPO / "studies" / "time_to_solved"),
+                        help="logs and the peers' saved models (default: studies/time_to_solved)")
+    parser.add_argument("--commit", action="store_true", help="git-commit the page and its sidecar after each row")
+    parser.add_argument("--worker", choices=list(PEERS), help=argparse.SUPPRESS)  # one peer run, in its own process
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        seeds, algos, args.caps = parse_seeds(args.seeds), parse_algos(args.algos), parse_caps(args.cap)
+        if args.threads <= 0 or args.parallel <= 0:
+            raise SACError("--threads and --parallel must be positive")
+        if args.worker:
+            if len(seeds) != 1:
+                raise SACError("--worker trains one seed")
+            train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir))
+            return 0
+        study = Study(args, shlex.join(["python", "benchmarks/time_to_solved.py", *argv]))
+        pairs = study.pending(algos, seeds)
+        skipped = len(algos) * len(seeds) - len(pairs)
+        if skipped:
+            print(f"{skipped} finished run(s) in {study.results_path} are kept; {len(pairs)} to run", flush=True)
+        run(study, pairs)
+        print(f"wrote {', '.join(str(p) for p in study.save())}")
+    except SACError as error:
+        fail(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""benchmarks/time_to_solved.py: train.py's solved check run on SB3 models, rl-zoo3's hyperparameters read from
+the installed package, resumption and the page. No training beyond a few dozen one-step episodes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("sb3_contrib", reason="the head-to-head benchmark: pip install -r requirements-bench.txt")
+pytest.importorskip("rl_zoo3", reason="the head-to-head benchmark: pip install -r requirements-bench.txt")
+from rl_zoo3.exp_manager import ExperimentManager  # noqa: E402
+from stable_baselines3 import SAC  # noqa: E402
+
+from benchmarks.time_to_solved import (  # noqa: E402
+    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, main, make_check_callback, model_kwargs, page,
+    parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, summary, zoo_hyperparams,
+    zoo_hyperparams_file,
+)
+from sac_model import EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACError, evaluate_policy, make_env  # noqa: E402
+
+TINY_ID = "TimeToSolvedTiny-v0"
+SEED = 7
+
+
+class OneStepEnv(gym.Env):
+    """Episodes of one step whose return is set by the reset seed: `eval_return` on evaluation seeds; on check
+    seeds `check_mean` + or - `check_std` by the seed's parity (so 100 consecutive seeds have exactly that
+    mean and population std); 0 in training. Records every reset seed."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, eval_return: float = 0.0, check_mean: float = 0.0, check_std: float = 0.0) -> None:
+        self.eval_return, self.check_mean, self.check_std = eval_return, check_mean, check_std
+        self.seeds: list[int | None] = []
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.seeds.append(seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        seed = self.seeds[-1]
+        if seed is not None and seed >= SEED + TARGET_SEED_OFFSET:
+            reward = self.check_mean + (1 if seed % 2 == 0 else -1) * self.check_std
+        elif seed is not None and seed >= SEED + EVAL_SEED_OFFSET:
+            reward = self.eval_return
+        else:
+            reward = 0.0
+        return np.zeros(2, np.float32), reward, True, False, {}
+
+
+gym.register(TINY_ID, entry_point=OneStepEnv, reward_threshold=200.0, max_episode_steps=5)
+
+
+def train_tiny(cap: int, **returns: float):
+    """SAC on the one-step env under the check (no gradient step: the returns do not depend on the policy)."""
+    model = SAC("MlpPolicy", gym.make(TINY_ID), learning_starts=10**6, buffer_size=1000, seed=SEED,
+                policy_kwargs=dict(net_arch=[8]), device="cpu")
+    eval_env = gym.make(TINY_ID, **returns)
+    callback = make_check_callback(eval_env, check_config(SEED, TINY_ID), cap)
+    model.learn(total_timesteps=1000, callback=callback)
+    if not callback.solved:
+        callback.close_unsolved()
+    return model, callback, eval_env.unwrapped.seeds
+
+
+def test_the_check_runs_only_when_the_evaluation_reaches_the_target():
+    model, callback, seeds = train_tiny(35, eval_return=199.9, check_mean=150.0)
+    assert model.num_timesteps == 35 and callback.episodes == 35
+    assert [e[0] for e in callback.evaluations] == [10, 20, 30, 35]  # every 10 episodes, and the final agent
+    assert callback.checks == [[35, 150.0, 0.0]] and not callback.solved  # only train.py's check for the record
+    assert set(seeds[:10]) == set(range(SEED + EVAL_SEED_OFFSET, SEED + EVAL_SEED_OFFSET + 10))
+
+
+def test_a_check_passes_by_the_lower_bound_and_stops_training():
+    # 207 - 2 x 30 / sqrt(100) = 201 >= 200: solved at the first evaluation, after episode 10.
+    model, callback, _ = train_tiny(300, eval_return=200.0, check_mean=207.0, check_std=30.0)
+    assert callback.solved and model.num_timesteps == 10 and callback.episodes == 10
+    assert callback.checks == [[10, 207.0, 30.0]]
+
+
+def test_a_failed_check_trains_on_and_each_check_plays_fresh_seeds():
+    # 205 - 2 x 30 / 10 = 199 < 200, although the mean is above the target.
+    model, callback, seeds = train_tiny(30, eval_return=200.0, check_mean=205.0, check_std=30.0)
+    assert not callback.solved and model.num_timesteps == 30
+    assert [c[0] for c in callback.checks] == [10, 20, 30]  # the last one at the cap: none for the record
+    first = SEED + TARGET_SEED_OFFSET
+    assert callback.check_seeds == [first, first + 100, first + 200]
+    check_seeds = [s for s in seeds if s >= first]
+    assert sorted(check_seeds) == list(range(first, first + 300))  # 300 episodes, no seed played twice
+    assert [s for s in seeds if s < first] == list(range(SEED + EVAL_SEED_OFFSET, SEED + EVAL_SEED_OFFSET + 10)) * 3
+
+
+class FixedActionModel:
+    """An SB3-like model whose predict returns one action, remembering whether it was asked deterministically."""
+
+    def __init__(self, action) -> None:
+        self.action, self.deterministic = np.asarray(action, np.float32), []
+
+    def predict(self, obs, deterministic=False):
+        self.deterministic.append(deterministic)
+        return self.action, None
+
+
+def test_an_sb3_model_is_evaluated_on_lunar_lander_by_the_repositorys_loop():
+    env = make_env(ENV_ID)
+    model = FixedActionModel([0.0, 0.0])  # engines off: the lander falls
+    returns = evaluate_policy(SB3Actor(model), env, 2, 1000)
+    expected = []
+    for seed in (1000, 1001):
+        env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(np.zeros(2, np.float32))
+            total, done = total + float(reward), terminated or truncated
+        expected.append(total)
+    env.close()
+    assert returns == expected and all(r < 0 for r in returns) and set(model.deterministic) == {True}
+
+
+def test_the_zoo_files_are_read_as_the_installed_rl_zoo3_writes_them():
+    for algo in ("sac", "tqc", "crossq"):
+        raw = yaml.safe_load(zoo_hyperparams_file(algo).read_text())
+        key, kwargs, budget = zoo_hyperparams(algo)
+        assert key in raw and key.startswith("LunarLanderContinuous-v")
+        assert budget == int(float(raw[key]["n_timesteps"])) and "n_timesteps" not in kwargs
+        assert kwargs.keys() == raw[key].keys() - {"n_timesteps"}
+    _, sac, sac_budget = zoo_hyperparams("sac")
+    _, tqc, tqc_budget = zoo_hyperparams("tqc")
+    for kwargs in (sac, tqc):
+        assert kwargs["policy_kwargs"] == {"net_arch": [400, 300]}
+        assert kwargs["learning_rate"] == LinearSchedule(7.3e-4)
+        assert kwargs["learning_rate"](0.5) == pytest.approx(3.65e-4)  # halfway through the zoo's 500k steps
+        assert (kwargs["tau"], kwargs["learning_starts"], kwargs["batch_size"]) == (0.01, 10000, 256)
+        assert kwargs["gamma"] == 0.99
+        assert (kwargs["train_freq"], kwargs["gradient_steps"], kwargs["ent_coef"]) == (1, 1, "auto")
+        assert kwargs["buffer_size"] == 1_000_000
+    assert sac_budget == tqc_budget == 500_000
+    _, crossq, crossq_budget = zoo_hyperparams("crossq")
+    assert crossq == {"policy": "MlpPolicy", "buffer_size": 1_000_000, "learning_starts": 10000}
+    assert crossq_budget == 200_000
+
+
+def test_the_conversion_matches_rl_zoo3s_own():
+    for algo in ("sac", "tqc", "crossq"):
+        _, entry = read_zoo_entry(zoo_hyperparams_file(algo))
+        ours, _ = model_kwargs(entry)
+        theirs = ExperimentManager._preprocess_schedules(dict(entry))
+        if isinstance(entry.get("policy_kwargs"), str):
+            theirs["policy_kwargs"] = eval(entry["policy_kwargs"], {"nn": torch.nn})  # what the zoo does
+        for key, value in theirs.items():
+            if key == "n_timesteps":
+                continue
+            if callable(value):
+                assert [ours[key](p) for p in (1.0, 0.3, 0.0)] == [value(p) for p in (1.0, 0.3, 0.0)], key
+            else:
+                assert ours[key] == value, key
+
+
+def test_the_schedule_and_kwargs_parsers():
+    schedule = parse_schedule("lin_7.3e-4")
+    assert schedule(1.0) == 7.3e-4 and schedule(0.0) == 0.0 and schedule(0.25) == pytest.approx(1.825e-4)
+    assert parse_schedule(3e-4) == 3e-4 and parse_schedule(1) == 1
+    for bad in ("exp_1e-3", "lin_x", "7e-4", True, None):
+        with pytest.raises(ZooError):
+            parse_schedule(bad)
+    assert parse_python_kwargs("dict(net_arch=dict(pi=[256, 256], qf=[1024, 1024]), activation_fn=nn.ReLU, "
+                               "log_std_init=-3, use_sde=True)") == {
+        "net_arch": {"pi": [256, 256], "qf": [1024, 1024]}, "activation_fn": torch.nn.ReLU, "log_std_init": -3,
+        "use_sde": True}
+    assert parse_python_kwargs("{'n_critics': 2, 'net_arch': (64, 64)}") == {"n_critics": 2, "net_arch": (64, 64)}
+    for bad in ("__import__('os').system('true')", "[400, 300]", "dict(a=os.getcwd())", "dict(", "nn.functional"):
+        with pytest.raises(ZooError):
+            parse_python_kwargs(bad)
+
+
+def test_an_older_version_of_the_env_is_read_when_the_zoo_has_no_v3_entry(tmp_path: Path):
+    path = tmp_path / "sac.yml"
+    path.write_text("LunarLanderContinuous-v1:\n  tau: 0.1\nLunarLanderContinuous-v2:\n  n_timesteps: !!float 5e5\n"
+                    "  learning_rate: lin_1e-3\nLunarLander-v3:\n  tau: 0.5\n")
+    key, entry = read_zoo_entry(path)
+    assert key == "LunarLanderContinuous-v2"
+    assert model_kwargs(entry) == ({"learning_rate": LinearSchedule(1e-3)}, 500000)
+    with pytest.raises(ZooError):
+        read_zoo_entry(path, "BipedalWalker-v3")
+    with pytest.raises(ZooError):
+        model_kwargs({"n_timesteps": 10, "normalize": True})
+
+
+def test_caps_per_algorithm():
+    assert parse_caps("2000") == {"ours": 2000, "sac": 2000, "tqc": 2000, "crossq": 2000}
+    caps = parse_caps("300000,crossq=200000")
+    assert caps["crossq"] == 200000 and caps["ours"] == caps["sac"] == 300000
+    for bad in ("", "0", "ppo=10", "sac=x"):
+        with pytest.raises(SACError):
+            parse_caps(bad)
+
+
+def row(algo: str, seed: int, minutes: float, solved: bool = True, unseen=(250.0, 150.0, -20.0)) -> dict:
+    return {"algo": algo, "seed": seed, "steps": 50_000 + seed, "updates": 49_000, "episodes": 120,
+            "minutes": minutes, "solved": solved, "cap": 300_000, "checks": [[50_000, 230.0, 40.0]],
+            "unseen": list(unseen), "commit": "abc1234", "command": "python train.py"}
+
+
+def test_the_table_and_summary_give_medians_and_ratios_to_ours():
+    rows = [row("ours", 1, 10.0), row("ours", 2, 30.0), row("ours", 3, 20.0, solved=False),
+            row("sac", 1, 50.0), row("sac", 2, 30.0, unseen=(300.0, 300.0, 300.0))]
+    assert row_cells(rows[2]) == ["ours", "3", "50,003", "49,000", "120", "20.0", "no (cap 300,000)",
+                                  "230.0 +/- 40.0", "126.7", "111.5", "1", "1"]
+    lines = summary(rows)
+    assert lines[2] == "| ours | 3 | 2 | 20.0 | 1.00 | 50,002 | 126.7 | 1 | 1 |"
+    assert lines[3] == "| sac | 2 | 2 | 40.0 | 2.00 | 50,002 | 213.3 | 2 | 0.5 |"  # median of 30 and 50, over 20
+    text = page({f"{r['algo']}/{r['seed']}": r for r in reversed(rows)}, ["# head", ""])
+    table = [line for line in text.splitlines() if line.startswith("| ours |") or line.startswith("| sac |")]
+    assert [line.split(" | ")[1] for line in table[:5]] == ["1", "2", "3", "1", "2"]  # ordered by algorithm, seed
+
+
+def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
+    output = tmp_path / "results" / "h2h.md"
+    output.parent.mkdir()
+    output.with_suffix(".json").write_text(json.dumps({"rows": {"sac/1": row("sac", 1, 5.0)}}))
+    assert main(["--algos", "sac", "--seeds", "1", "--output", str(output), "--work-dir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "1 finished run(s)" in out and "0 to run" in out and "start" not in out
+    assert "| sac | 1 | 50,001 |" in output.read_text() and not (tmp_path / "w").exists()
+    args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w")})()
+    assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
