@@ -1272,7 +1272,7 @@ class SACAgent:
             "action_low": self.action_low.tolist(),
             "action_high": self.action_high.tolist(),
             "config": dataclasses.asdict(self.config),
-            "git_commit": git_commit(),
+            "git_commit": code_version(),
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "gymnasium": gym.__version__, "numpy": np.__version__},
         }
@@ -1395,23 +1395,39 @@ class TrainingState:
         return " and ".join(gaps) or None
 
 
-@functools.lru_cache(maxsize=None)
-def git_commit() -> str | None:
-    """The git commit of this code, with a note when tracked files differ from it; None outside a git checkout.
+REPO = Path(__file__).resolve().parent
+# Pages and results files are written while a study runs: changes there say nothing about the code that ran.
+NOT_CODE = ("docs",)
 
-    Checkpoints carry it, so that an agent says which code made it.
-    """
-    here = str(Path(__file__).resolve().parent)
+
+def _git(repo: Path, *args: str) -> str | None:
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        changes = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine, or it hung
         return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + (" with uncommitted changes" if changes.stdout.strip() else "")
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """The short sha of the commit checked out at `repo`; None outside a git checkout or without git."""
+    return _git(repo, "rev-parse", "--short", "HEAD") or None
+
+
+def uncommitted_changes(repo: Path = REPO) -> bool:
+    """Whether a tracked file outside docs/ differs from the commit: the code that ran is not that commit's."""
+    return bool(_git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                     *(f":(exclude){folder}" for folder in NOT_CODE)))
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str | None:
+    """This code's commit, with a note when it differs from it, as the process started; None outside git.
+
+    Checkpoints carry it, so that an agent says which code made it. Taken once: files edited while a run
+    trains are not the code it runs.
+    """
+    commit = git_commit()
+    return None if commit is None else commit + (" with uncommitted changes" if uncommitted_changes() else "")
 
 
 def atomic_save(obj: dict, path: Path) -> Path:

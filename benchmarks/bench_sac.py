@@ -35,7 +35,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from sac_model import (  # noqa: E402  (the repository root has to be on the path first)
+from lab.provenance import cpu_name  # noqa: E402  (the repository root has to be on the path first)
+from sac_model import (  # noqa: E402
     PrioritizedReplayBuffer, ReplayBuffer, SACAgent, SACConfig, keep_freed_memory_mapped,
 )
 
@@ -144,23 +145,12 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def cpu_model() -> str:
-    """The 'model name' line of /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def header(args: argparse.Namespace) -> str:
     """Machine, library versions and run settings."""
     return "\n".join([
         "# SAC benchmark: this repository vs Stable-Baselines3 (CPU)",
         "",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)",
+        f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)",
         f"- python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"gymnasium {gym.__version__}, stable-baselines3 {package_version('stable-baselines3')}",
         f"- torch threads: {torch.get_num_threads()} (this process, and `--threads {args.threads}` for train.py)",

@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import train  # noqa: E402  (the repository root has to be on the path first)
-from bench_sac import cpu_model, markdown_table  # noqa: E402
+from bench_sac import markdown_table  # noqa: E402
+from lab.provenance import cpu_name  # noqa: E402
 from sac_model import SACAgent  # noqa: E402
 
 START_STEPS = 1_000  # random actions and no updates before this step, as bench_sac.py's whole-process run
@@ -281,7 +282,7 @@ def report(args: argparse.Namespace, imports: float, breakdown: dict[str, float]
     lines = [
         "# Time budget of one train.py process",
         "",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); python {sys.version.split()[0]}, "
+        f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); python {sys.version.split()[0]}, "
         f"torch {torch.__version__}, numpy {np.__version__}",
         f"- `train.py {' '.join(train_argv(args.total_steps, args.threads)[:-2])}`, run in this process with its "
         f"phases timed (inductor's cache as it was: warm after any earlier run on this machine)",

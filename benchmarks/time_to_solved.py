@@ -39,10 +39,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab.confirm import commit, cpu_name, parse_seeds  # noqa: E402  (the repository root has to be on the path first)
+from lab.confirm import commit, parse_seeds  # noqa: E402  (the repository root has to be on the path first)
+from lab.provenance import cpu_name  # noqa: E402
 from sac_model import (  # noqa: E402
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError,
-    check_lower_bound, evaluate_policy, fail, load_agent_and_env, make_env, read_checkpoint, target_return,
+    check_lower_bound, code_version, evaluate_policy, fail, load_agent_and_env, make_env, read_checkpoint, target_return,
 )
 
 ENV_ID = "LunarLanderContinuous-v3"
@@ -518,8 +519,7 @@ def package_version(name: str) -> str:
 
 
 def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    return code_version() or "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.provenance import git_commit, machine, provenance
+from lab.provenance import machine, provenance
+from sac_model import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
