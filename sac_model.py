@@ -1477,7 +1477,7 @@ def read_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with code, garbage and truncated files fail in many ways
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {_load_failure_reason(error)}; give a .pt file "
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {_load_failure_reason(error, path)}; give a .pt file "
                               "that train.py wrote") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this repository (no '{CHECKPOINT_FORMAT}' marker)")
@@ -1599,19 +1599,19 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def _load_failure_reason(error: BaseException) -> str:
+def _load_failure_reason(error: BaseException, path: Path) -> str:
     """What a torch.load failure means for the user, as a sentence (torch's own messages run to a dozen lines)."""
     text = str(error)
-    if "zip archive" in text or "central directory" in text:
-        return ("the file is cut short or damaged (torch.save writes a zip archive, and this one is incomplete), "
-                "for example a copy that did not finish")
     if "Unsupported global" in text:
         found = re.search(r"GLOBAL (\S+)", text)
         return (f"refused by weights_only loading: it holds a pickled Python object "
                 f"({found.group(1) if found else 'a class or function'}), which could run code when loaded")
-    if "WeightsUnpickler error:" in text:
-        return "refused by weights_only loading: its bytes are not a torch checkpoint"
-    return f"its bytes are not a torch checkpoint ({type(error).__name__})"
+    with open(path, "rb") as handle:
+        zip_archive = handle.read(4) == b"PK\x03\x04"  # how every file torch.save writes begins
+    if zip_archive:
+        return ("the file is cut short or damaged (torch.save writes a zip archive, and this one is incomplete), "
+                "for example a copy that did not finish")
+    return "its bytes are not a torch checkpoint"
 
 
 def _first_line(error: BaseException) -> str:

@@ -387,13 +387,18 @@ def alternate(name: str, repeats: int, ours: Callable[[], float],
     return our_values, sb3_values
 
 
+def ours_against_sb3(columns: list[str], ours: list[float], sb3: list[float], ratio: float | None) -> str:
+    """A one-row table of our median, SB3's and their ratio (`columns` name the three); ours alone without SB3."""
+    row = [f"{statistics.median(ours):.1f}"]
+    if ratio is not None:
+        row += [f"{statistics.median(sb3):.1f}", f"{ratio:.2f}"]
+    return markdown_table(columns[:len(row)], [row])
+
+
 def bench_end_to_end(settings: Settings, repeats: int, threads: int, with_sb3: bool) -> str:
     """Table 3: env steps per second of whole training runs, ours then SB3 in each repeat."""
     ours, sb3 = alternate("end to end", repeats, lambda: our_steps_per_second(settings, threads),
                           (lambda: sb3_steps_per_second(settings)) if with_sb3 else None)
-    row = [f"{statistics.median(ours):.1f}"]
-    if with_sb3:
-        row += [f"{statistics.median(sb3):.1f}", f"{median_ratio(ours, sb3):.2f}"]
     timed = settings.e2e_total_steps - settings.e2e_start_steps
     caption = (f"## 3. End to end on {ENV_ID}\n\n"
                f"Env steps per second over the {timed:,} steps after {settings.e2e_start_steps:,} random warm-up "
@@ -404,8 +409,8 @@ def bench_end_to_end(settings: Settings, repeats: int, threads: int, with_sb3: b
                f"`learn(total_timesteps={settings.e2e_total_steps})` in this process, timed from its last random "
                f"step by a callback; both use uniform replay, SB3 without LayerNorm. \"ours / SB3\" is the median of "
                f"the per-repeat ratios (above 1: ours is faster).")
-    columns = ["ours steps/s (train.py's defaults)"] + (["SB3 steps/s", "ours / SB3"] if with_sb3 else [])
-    return caption + "\n\n" + markdown_table(columns, [row])
+    return caption + "\n\n" + ours_against_sb3(["ours steps/s (train.py's defaults)", "SB3 steps/s", "ours / SB3"],
+                                              ours, sb3, median_ratio(ours, sb3) if with_sb3 else None)
 
 
 def bench_whole_process(settings: Settings, repeats: int, threads: int, with_sb3: bool) -> str:
@@ -414,9 +419,6 @@ def bench_whole_process(settings: Settings, repeats: int, threads: int, with_sb3
     train_py_seconds(run_flags(settings.whole_start_steps, settings.whole_start_steps), threads)  # fills the compile cache
     ours, sb3 = alternate("whole process", repeats, lambda: train_py_seconds(flags, threads),
                           (lambda: sb3_process_seconds(settings, threads)) if with_sb3 else None)
-    row = [f"{statistics.median(ours):.1f}"]
-    if with_sb3:
-        row += [f"{statistics.median(sb3):.1f}", f"{median_ratio(sb3, ours):.2f}"]
     caption = (f"## 4. A whole short run, as a user waits for it\n\n"
                f"Seconds from process start to exit: `train.py {' '.join(flags)}` (compile cache warm, evaluation "
                f"off) against a python process running SB3's `learn(total_timesteps={settings.whole_total_steps})` "
@@ -424,8 +426,8 @@ def bench_whole_process(settings: Settings, repeats: int, threads: int, with_sb3
                f"{UPDATE_EVERY} env steps, the same network widths and batch, {threads} torch threads; alternated, "
                f"median over {repeats} repeats. \"SB3 / ours\" is the median of the per-repeat ratios (above 1: "
                f"ours finishes first).")
-    columns = ["ours s"] + (["SB3 s", "SB3 / ours"] if with_sb3 else [])
-    return caption + "\n\n" + markdown_table(columns, [row])
+    return caption + "\n\n" + ours_against_sb3(["ours s", "SB3 s", "SB3 / ours"], ours, sb3,
+                                              median_ratio(sb3, ours) if with_sb3 else None)
 
 
 def sb3_process_seconds(settings: Settings, threads: int) -> float:

@@ -542,25 +542,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def time_to_solved(args: argparse.Namespace, argv: list[str]) -> None:
+    """Train the study's pending runs (or, as a worker, one peer's run) and write the results page."""
+    seeds, algos, args.caps = parse_seeds(args.seeds), parse_algos(args.algos), parse_caps(args.cap)
+    if args.threads <= 0 or args.parallel <= 0:
+        raise SACError("--threads and --parallel must be positive")
+    if args.worker:
+        if len(seeds) != 1:
+            raise SACError("--worker trains one seed")
+        train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir))
+        return
+    study = Study(args, shlex.join(["python", "benchmarks/time_to_solved.py", *argv]))
+    pairs = study.pending(algos, seeds)
+    skipped = len(algos) * len(seeds) - len(pairs)
+    if skipped:
+        print(f"{skipped} finished run(s) in {study.results_path} are kept; {len(pairs)} to run", flush=True)
+    run(study, pairs)
+    print(f"wrote {', '.join(str(p) for p in study.save())}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
     try:
-        seeds, algos, args.caps = parse_seeds(args.seeds), parse_algos(args.algos), parse_caps(args.cap)
-        if args.threads <= 0 or args.parallel <= 0:
-            raise SACError("--threads and --parallel must be positive")
-        if args.worker:
-            if len(seeds) != 1:
-                raise SACError("--worker trains one seed")
-            train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir))
-            return 0
-        study = Study(args, shlex.join(["python", "benchmarks/time_to_solved.py", *argv]))
-        pairs = study.pending(algos, seeds)
-        skipped = len(algos) * len(seeds) - len(pairs)
-        if skipped:
-            print(f"{skipped} finished run(s) in {study.results_path} are kept; {len(pairs)} to run", flush=True)
-        run(study, pairs)
-        print(f"wrote {', '.join(str(p) for p in study.save())}")
+        time_to_solved(build_parser().parse_args(argv), argv)
     except SACError as error:
         fail(str(error))
     return 0

@@ -5,6 +5,7 @@ Statistical tests use fixed seeds and bounds that are many standard deviations w
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import inspect
@@ -43,6 +44,7 @@ from sac_model import (
     SACConfig,
     SumTree,
     TrainingDivergedError,
+    TrainingState,
     TwinQNetwork,
     atomic_save,
     capture_rng_state,
@@ -1291,15 +1293,24 @@ def _assert_refused(path: Path) -> str:
 def test_checkpoint_refuses_missing_garbage_truncated_and_foreign_files(tmp_path):
     _assert_refused(tmp_path / "missing.pt")
 
+    # Each refusal is a sentence that says what the file is and what to give instead, never torch's own
+    # message cut off mid-sentence.
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    _assert_refused(garbage)
+    assert _assert_refused(garbage).endswith("its bytes are not a torch checkpoint; give a .pt file that train.py "
+                                             "wrote")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, this is not a checkpoint\n")
+    assert "its bytes are not a torch checkpoint" in _assert_refused(text)
 
     real = pendulum_agent().save(tmp_path / "real.pt")
     data = real.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    _assert_refused(truncated)
+    assert _assert_refused(truncated) == (
+        f"{truncated}: not a loadable checkpoint: the file is cut short or damaged (torch.save writes a zip "
+        "archive, and this one is incomplete), for example a copy that did not finish; give a .pt file that "
+        "train.py wrote")
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
@@ -1314,6 +1325,39 @@ def test_checkpoint_refuses_missing_garbage_truncated_and_foreign_files(tmp_path
     # The real checkpoint is accepted: the refusals above are not blanket failures.
     assert read_checkpoint(real)["format_version"] == CHECKPOINT_VERSION
     assert SACAgent.load(real).obs_dim == 3
+
+
+def test_training_state_round_trips_and_says_why_a_resume_would_be_approximate(tmp_path):
+    assert TrainingState(buffer={}).resume_gap() is None
+    assert TrainingState(episode_finished=False, buffer={}).resume_gap() == "it was written mid-episode"
+    assert TrainingState().resume_gap() == "it holds no replay buffer (--no-save-buffer)"
+    assert TrainingState(episode_finished=False).resume_gap() == (
+        "it was written mid-episode and it holds no replay buffer (--no-save-buffer)")
+    state = TrainingState(global_step=1200, episode=6, eval_history=[[600, -1.0, 0.5]], run_name="r", buffer={})
+    path = pendulum_agent().save(tmp_path / "a.pt", {**state.to_dict(), "written_by_a_later_version": 1})
+    assert TrainingState.of(read_checkpoint(path), path) == state  # keys it does not know are left out
+    alone = pendulum_agent().save(tmp_path / "alone.pt")
+    with pytest.raises(CheckpointError, match="holds an agent but no training state"):
+        TrainingState.of(read_checkpoint(alone), alone)
+
+
+def test_buffer_kinds_are_named_once_and_reach_the_flag_the_validation_and_make_buffer(monkeypatch):
+    class RecordingBuffer(ReplayBuffer):
+        """A new kind of buffer: registering it is the one step that makes --buffer offer it."""
+
+    monkeypatch.setitem(sac_model.REPLAY_BUFFERS, "recording", RecordingBuffer)
+    parser = argparse.ArgumentParser()
+    sac_model.add_config_flags(parser)
+    assert parser.parse_args(["--buffer", "recording"]).buffer == "recording"
+    config = small_config(buffer="recording")
+    config.validate()
+    assert type(sac_model.make_buffer(config, 3, 1, torch.device("cpu"))) is RecordingBuffer
+    with pytest.raises(ConfigError, match="--buffer must be one of uniform, prioritized, recording, got 'nope'"):
+        small_config(buffer="nope").validate()
+    prioritized = sac_model.make_buffer(small_config(buffer="prioritized", total_steps=1000, per_beta_start=0.4),
+                                        3, 1, torch.device("cpu"))
+    assert prioritized.scalars(500) == {"charts/per_beta": pytest.approx(0.7)}
+    assert sac_model.make_buffer(small_config(), 3, 1, torch.device("cpu")).scalars(500) == {}
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])

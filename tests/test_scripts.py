@@ -178,6 +178,14 @@ def state_tensors(path: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
+def assert_same_final_state(expected_run: Path, actual_run: Path) -> None:
+    """Every parameter, optimizer moment, buffer entry and RNG-free tensor of the two runs' final.pt bit for bit."""
+    expected, actual = (state_tensors(folder / "final.pt") for folder in (expected_run, actual_run))
+    assert expected.keys() == actual.keys() and len(expected) > 20
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
     # Random warm-up actions until step 600 and updates from step 200: both the action space's and
     # torch's generators are drawn from on each side of the split at step 400.
@@ -190,11 +198,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> 
     for result in (whole, half, resumed):
         assert result.returncode == 0, result.stderr
     assert "resuming split" in resumed.stdout
-    expected = state_tensors(tmp_path / "checkpoints" / "whole" / "final.pt")
-    actual = state_tensors(tmp_path / "checkpoints" / "split" / "final.pt")
-    assert expected.keys() == actual.keys() and len(expected) > 20
-    for name, tensor in expected.items():
-        assert torch.equal(tensor, actual[name]), name
+    assert_same_final_state(tmp_path / "checkpoints" / "whole", tmp_path / "checkpoints" / "split")
     # The curves continue in the same TensorBoard run: every episode logged once, no seam.
     steps = [e.step for e in scalar_tags(tmp_path / "runs" / "split").Scalars("charts/episode_return")]
     assert steps == [200, 400, 600, 800]
@@ -267,11 +271,7 @@ def test_a_run_interrupted_by_sigint_mid_episode_resumes_bitwise_like_the_uninte
     resumed = run_script("train.py", tmp_path, "--resume", "split")
     assert resumed.returncode == 0, resumed.stderr
     assert "exactly (an end-of-episode checkpoint with its buffer)" in resumed.stdout
-    expected = state_tensors(tmp_path / "checkpoints" / "whole" / "final.pt")
-    actual = state_tensors(tmp_path / "checkpoints" / "split" / "final.pt")
-    assert expected.keys() == actual.keys() and len(expected) > 20
-    for name, tensor in expected.items():
-        assert torch.equal(tensor, actual[name]), name
+    assert_same_final_state(tmp_path / "checkpoints" / "whole", tmp_path / "checkpoints" / "split")
 
 
 def test_a_second_sigint_stops_at_once_mid_episode_and_the_resume_says_why_it_is_approximate(tmp_path: Path) -> None:
