@@ -2,15 +2,15 @@
 
     python -m lab.stop_rules checkpoints/pilot_s70 checkpoints/pilot_s71 --output docs/stop_rules.md --workers 2
 
-A run folder holds one periodic checkpoint (step_*.pt) per 10-episode evaluation, written just after it
-(`--eval-every E --checkpoint-every E --keep-checkpoints <many>`): its eval_history's last entry is exactly
-what the run saw at that evaluation. Each rule is played through those checkpoints in step order as
-train.py plays its --target-return: where the evaluation's mean reaches the rule's trigger, the checkpoint
-plays a 100-episode check on the seeds train.py's k-th check would use (seed + TARGET_SEED_OFFSET + k * 100,
-k counting this rule's checks so far), and the rule stops at the first check its condition passes (a
-polish rule trains on for N env steps: the first checkpoint at or beyond the pass + N). A rule that never
-passes ends at the run's last checkpoint (the cap). The agent each rule stopped with then plays unseen
-episodes (1000-1099 by default), as does a checkpoint about every 10k env steps (the trajectory).
+A run folder holds one periodic checkpoint (step_*.pt) per evaluation, written just after it (`--eval-every E
+--checkpoint-every E --keep-checkpoints <many>`): its eval_history's last entry is exactly what the run saw at
+that evaluation. Each rule is played through those checkpoints in step order as train.py plays its
+--target-return: where the evaluation's mean reaches the rule's trigger, the checkpoint plays a 100-episode
+check on the seeds train.py's k-th check would use (seed + TARGET_SEED_OFFSET + k * 100, k counting this
+rule's checks so far), and the rule stops at the first check its condition passes (a polish rule trains on
+for N env steps: the first checkpoint at or beyond the pass + N). A rule that never passes ends at the run's
+last checkpoint, final.pt once the run has ended (the cap). The agent each rule stopped with then plays
+unseen episodes (1000-1099 by default), as does a checkpoint about every 10k env steps (the trajectory).
 
 Every evaluation (a checkpoint on a set of seeds) is kept in a JSON cache with each episode's return and,
 on LunarLanderContinuous, its outcome (lab.outcomes): rules share it, reruns evaluate nothing twice and an
@@ -78,6 +78,7 @@ class Run:
     env_id: str
     eval_episodes: int
     checkpoints: tuple[Checkpoint, ...]
+    ended: bool = False  # final.pt is at or past the last periodic checkpoint (else training, or stopped early)
 
     @property
     def classifiable(self) -> bool:
@@ -236,22 +237,29 @@ def simulate(rule: Rule, run: Run, evaluate: Evaluate, check_episodes: int = CHE
 
 
 def read_run(folder: Path) -> Run:
-    """A run folder's periodic checkpoints (step_*.pt) in step order, each with the evaluation made at its step."""
+    """A run folder's periodic checkpoints (step_*.pt) in step order, each with the evaluation made at its step,
+    then final.pt where the run has ended past the last of them: the agent a run that spends its whole step
+    budget delivers (train.py always evaluates it), so the cap is the fixed budget's own agent."""
     found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := STEP_NAME.fullmatch(p.name)))
     if not found:
         raise SACError(f"{folder}: no periodic checkpoints (step_*.pt)")
-    checkpoints, config, env_id = [], None, None
-    for step, path in found:
+    checkpoints, config, env_id, ended = [], None, None, False
+    for step, path in found + ([(None, folder / "final.pt")] if (folder / "final.pt").is_file() else []):
         checkpoint = read_checkpoint(path)
         training = checkpoint.get("training") or {}
-        if training.get("global_step") != step:
+        if step is None:  # final.pt: kept only if it is newer than every periodic checkpoint
+            step = training.get("global_step")
+            ended = isinstance(step, int) and step >= checkpoints[-1].step
+            if not ended or step == checkpoints[-1].step:  # a stale final.pt, or the same agent as the last
+                continue
+        elif training.get("global_step") != step:
             raise SACError(f"{path}: holds env step {training.get('global_step')}, not the {step} of its name")
         history = training.get("eval_history") or []
         evaluated = bool(history) and history[-1][0] == step
         checkpoints.append(Checkpoint(path, step, float(history[-1][1]) if evaluated else None))
         config, env_id = checkpoint["metadata"]["config"], checkpoint["metadata"]["env_id"]
-    return Run(folder.name, folder, int(config["seed"]), env_id, int(config["eval_episodes"]), tuple(checkpoints))
-
+    return Run(folder.name, folder, int(config["seed"]), env_id, int(config["eval_episodes"]), tuple(checkpoints),
+               ended)
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -553,14 +561,18 @@ def page(result: Replay, command: str, unseen_seed: int, unseen_episodes: int,
     unseen = f"{unseen_seed}-{unseen_seed + unseen_episodes - 1}"
     lines = ["# Stop rules replayed on saved runs", "", f"Command: `{command}`", "", provenance_line(), "",
              "Runs: " + ", ".join(f"`{r.folder}` (seed {r.seed}, {len(r.checkpoints)} checkpoints to env step "
-                                  f"{r.checkpoints[-1].step:,})" for r in result.runs) + ".", "",
-             f"Each rule is played through a run's periodic checkpoints in step order, as train.py would: where the "
-             f"evaluation the run made there (its --eval-episodes episodes) reaches the rule's trigger, that checkpoint plays a "
-             f"{check_episodes}-episode check (lower bound = mean - {CHECK_STD_ERRORS:g} std / "
+                                  f"{r.checkpoints[-1].step:,}, "
+                                  + ("ended" if r.ended else "no final.pt yet: the cap is the last periodic "
+                                     "checkpoint, the run may still be training") + ")" for r in result.runs)
+             + ".", "",
+             f"Each rule is played through a run's periodic checkpoints in step order, as train.py would: where "
+             f"the evaluation the run made there (its --eval-episodes episodes) reaches the rule's trigger, that "
+             f"checkpoint plays a {check_episodes}-episode check (lower bound = mean - {CHECK_STD_ERRORS:g} std / "
              f"sqrt({check_episodes})) and the rule stops at the first check it passes; polish(N) stops at the "
              f"first checkpoint at or beyond that pass + N env steps; budget(N) makes no check and stops at the "
-             f"first checkpoint at or beyond N; a rule that never passes ends at the run's last checkpoint (cap). "
-             f"The agent it stopped with then plays the unseen episodes {unseen}. first(T): trigger and pass at T; "
+             f"first checkpoint at or beyond N; a rule that never passes ends at the run's last checkpoint (the "
+             f"cap: final.pt once the run has ended). The agent it stopped with then plays the unseen episodes "
+             f"{unseen}. first(T): trigger and pass at T; "
              f"crashes(T, k): and at most k check episodes below 0; landings(T, f): and at least f at or above "
              f"{LANDING_RETURN:g}; real_crashes(T, k): and at most k that crashed (body on the ground or out of "
              f"bounds, lab.outcomes), n/a on envs other than LunarLanderContinuous.", "",

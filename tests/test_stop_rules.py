@@ -3,6 +3,7 @@ conditions, polish, the cap), the cache's reuse and resumption, and one real rep
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 from lab import stop_rules
 from lab.outcomes import CRASHED_BODY, CRASHED_OUT, LANDED_ON_PAD
 from lab.stop_rules import (
-    Cache, Checkpoint, Evaluation, Job, Run, budget, crashes, default_rules, first, landings, polish, real_crashes,
-    replay, simulate,
+    Cache, Checkpoint, Evaluation, Job, Run, budget, crashes, default_rules, first, landings, polish, read_run,
+    real_crashes, replay, simulate,
 )
 from sac_model import TARGET_SEED_OFFSET, evaluate_policy, load_agent_and_env
 
@@ -236,6 +237,22 @@ def test_a_real_replay_of_a_tiny_pendulum_run(tmp_path: Path):
     assert cache[f"r/step_000000800.pt|{first_seed + 2}|2"]["returns"] == evaluate_policy(agent, pendulum, 2,
                                                                                          first_seed + 2)
     pendulum.close()
+
+    # final.pt is at the last periodic checkpoint's step: the same agent, so the periodic one stays the cap.
+    assert "3 checkpoints to env step 1,200, ended)" in page
+
+    # A run whose budget ended between periodic checkpoints: final.pt is its last checkpoint, evaluated there.
+    ended = tmp_path / "ended"
+    ended.mkdir()
+    for name in ("step_000000400.pt", "step_000000800.pt", "final.pt"):
+        shutil.copy(folder / name, ended / name)
+    run = read_run(ended)
+    assert [(c.path.name, c.step) for c in run.checkpoints] == [
+        ("step_000000400.pt", 400), ("step_000000800.pt", 800), ("final.pt", 1200)]
+    assert run.ended and run.checkpoints[-1].eval_mean is not None
+    assert simulate(budget(100_000), run, Stub({})).agent.path.name == "final.pt"
+    whole = read_run(folder)
+    assert whole.ended and [c.path.name for c in whole.checkpoints][-1] == "step_000001200.pt"
 
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr
