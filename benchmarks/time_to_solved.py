@@ -43,7 +43,8 @@ from lab.confirm import commit, parse_seeds  # noqa: E402  (the repository root 
 from lab.provenance import cpu_name  # noqa: E402
 from sac_model import (  # noqa: E402
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError,
-    check_lower_bound, code_version, evaluate_policy, fail, load_agent_and_env, make_env, read_checkpoint, target_return,
+    TrainingState, check_lower_bound, code_version, evaluate_policy, fail, load_agent_and_env, make_env,
+    read_checkpoint, target_return,
 )
 
 ENV_ID = "LunarLanderContinuous-v3"
@@ -392,10 +393,10 @@ class Study:
         if algo == OURS:
             final = REPO / CHECKPOINTS_DIR / self.run_name(algo, seed) / "final.pt"
             checkpoint = read_checkpoint(final)
-            training, config = checkpoint["training"], SACConfig(**checkpoint["metadata"]["config"])
-            record = {"steps": training["global_step"], "updates": training["updates"],
-                      "episodes": training["episode"], "checks": training["target_checks"],
-                      "evaluations": training["eval_history"], "solved": solved(training["target_checks"], config)}
+            training, config = TrainingState.of(checkpoint, final), SACConfig(**checkpoint["metadata"]["config"])
+            record = {"steps": training.global_step, "updates": training.updates, "episodes": training.episode,
+                      "checks": training.target_checks, "evaluations": training.eval_history,
+                      "solved": solved(training.target_checks, config)}
             agent, env = load_agent_and_env(final)
         else:
             folder = self.work / self.run_name(algo, seed)

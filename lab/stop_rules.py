@@ -24,10 +24,8 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,14 +33,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lab import outcomes
+from lab.provenance import provenance
 from sac_model import (
-    EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, OneLineErrorParser, SACError, check_lower_bound, fail, load_agent_and_env,
-    read_checkpoint,
+    EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound,
+    fail, load_agent_and_env, read_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-CHECK_EPISODES = 100  # train.py's --target-episodes default: the check every rule here makes
-CHECK_STD_ERRORS = 2.0  # train.py's --target-std-errors default: lower bound = mean - 2 std / sqrt(episodes)
+CHECK_EPISODES = SACConfig().target_episodes  # the check every rule here makes, as train.py's default
+CHECK_STD_ERRORS = SACConfig().target_std_errors  # lower bound = mean - 2 std / sqrt(episodes), as train.py's
 LANDING_RETURN = 200.0  # an episode at or above this counts as a landing (LunarLander's solved threshold)
 TRAJECTORY_EVERY = 10_000  # env steps between the trajectory's checkpoints
 REAL_CRASHES = (outcomes.CRASHED_BODY, outcomes.CRASHED_OUT)
@@ -246,15 +244,15 @@ def read_run(folder: Path) -> Run:
     checkpoints, config, env_id, ended = [], None, None, False
     for step, path in found + ([(None, folder / "final.pt")] if (folder / "final.pt").is_file() else []):
         checkpoint = read_checkpoint(path)
-        training = checkpoint.get("training") or {}
+        training = TrainingState.of(checkpoint, path)
         if step is None:  # final.pt: kept only if it is newer than every periodic checkpoint
-            step = training.get("global_step")
-            ended = isinstance(step, int) and step >= checkpoints[-1].step
+            step = training.global_step
+            ended = step >= checkpoints[-1].step
             if not ended or step == checkpoints[-1].step:  # a stale final.pt, or the same agent as the last
                 continue
-        elif training.get("global_step") != step:
-            raise SACError(f"{path}: holds env step {training.get('global_step')}, not the {step} of its name")
-        history = training.get("eval_history") or []
+        elif training.global_step != step:
+            raise SACError(f"{path}: holds env step {training.global_step}, not the {step} of its name")
+        history = training.eval_history
         evaluated = bool(history) and history[-1][0] == step
         checkpoints.append(Checkpoint(path, step, float(history[-1][1]) if evaluated else None))
         config, env_id = checkpoint["metadata"]["config"], checkpoint["metadata"]["env_id"]
@@ -539,27 +537,10 @@ def seed_note(result: Replay, unseen_seed: int, unseen_episodes: int, check_epis
                    "episodes never replay training's or each other's start states.")
 
 
-def provenance_line() -> str:
-    """`Ran at commit <short sha> on <cpu>` (lab/provenance.py is not on this branch; this is its stand-in)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = "unknown", ""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"Ran at commit {sha}{' with uncommitted changes' if dirty else ''} on {cpu} ({os.cpu_count()} cores)."
-
-
 def page(result: Replay, command: str, unseen_seed: int, unseen_episodes: int,
          check_episodes: int = CHECK_EPISODES) -> str:
     unseen = f"{unseen_seed}-{unseen_seed + unseen_episodes - 1}"
-    lines = ["# Stop rules replayed on saved runs", "", f"Command: `{command}`", "", provenance_line(), "",
+    lines = ["# Stop rules replayed on saved runs", "", f"Command: `{command}`", "", provenance(), "",
              "Runs: " + ", ".join(f"`{r.folder}` (seed {r.seed}, {len(r.checkpoints)} checkpoints to env step "
                                   f"{r.checkpoints[-1].step:,}, "
                                   + ("ended" if r.ended else "no final.pt yet: the cap is the last periodic "
