@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lab import outcomes
 from lab.configs import CONFIGS, VARIANTS
 from lab.provenance import provenance
 from lab.tables import load_study, plot_curves, run_name
 from sac_model import (
     CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound, checkpoint_files,
-    evaluate_policy, fail, load_agent_and_env, read_checkpoint, target_return,
+    fail, load_agent_and_env, read_checkpoint, target_return,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,14 +134,17 @@ class Study:
             raise SACError(f"{run} exited with code {returncode}; see {self.folder / (run + '.log')}")
         checkpoint = read_checkpoint(final)
         training, config = TrainingState.of(checkpoint, final), SACConfig(**checkpoint["metadata"]["config"])
-        record.update(steps=training.global_step, cap=config.total_steps, checks=training.target_checks,
-                      target=target_return(config), std_errors=config.target_std_errors,
-                      target_episodes=config.target_episodes)
+        record.update(steps=training.global_step, updates=training.updates, cap=config.total_steps,
+                      checks=training.target_checks, target=target_return(config),
+                      std_errors=config.target_std_errors, target_episodes=config.target_episodes)
         agent, env = load_agent_and_env(final)
         try:
-            record["unseen"] = evaluate_policy(agent, env, self.args.unseen_episodes, self.args.unseen_seed)
+            record["unseen"], kinds = outcomes.play_episodes(agent, env, self.args.unseen_episodes,
+                                                             self.args.unseen_seed, outcomes.classifiable(agent.env_id))
         finally:
             env.close()
+        if kinds is not None:
+            record["unseen_crashes"] = sum(kind in outcomes.CRASHES for kind in kinds)
         self.save()
         print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
 
@@ -165,8 +169,9 @@ def row_cells(record: dict) -> list[str]:
     step = solved_at(record)
     _, mean, std = record["checks"][-1] if record["checks"] else (None, float("nan"), float("nan"))
     return [str(record["seed"]), f"{step:,}" if step else f"not solved ({record['steps']:,})",
-            f"{wall_minutes(record):.1f}", f"{mean:.1f} +/- {std:.1f}", str(len(record["checks"])),
-            f"{unseen.mean():.1f}", str(int((unseen >= 200).sum())), str(int((unseen < 0).sum()))]
+            f"{record['updates']:,}" if "updates" in record else "-", f"{wall_minutes(record):.1f}",
+            f"{mean:.1f} +/- {std:.1f}", str(len(record["checks"])), f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
+            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum())), str(record.get("unseen_crashes", "-"))]
 
 
 def page(study: Study, seeds: list[int]) -> str:
@@ -182,9 +187,10 @@ def page(study: Study, seeds: list[int]) -> str:
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
              f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time "
              f"({len(records)} of {len(seeds)} seeds finished).", "",
-             f"| seed | solved at env step | wall time (min) | last 100-episode check | checks | unseen episodes "
-             f"{args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | >= 200 | < 0 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| seed | solved at env step | gradient steps | wall time (min) | last 100-episode check | checks | "
+             f"unseen episodes {args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | std | >= 200 "
+             "| < 0 | crashes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row_cells(record)) + " |" for record in records]
     if records:
         solved = [solved_at(r) for r in records]
@@ -198,7 +204,10 @@ def page(study: Study, seeds: list[int]) -> str:
                   f"unseen episodes: median {np.median(unseen):.1f}, lowest {min(unseen):.1f}."]
     lines += ["", "Solved: the run stopped at a check (100 deterministic episodes it had not played) whose mean "
               "minus the configured number of standard errors reached the target. Wall time: the train.py process, "
-              "compile included (a resumed run adds its second start).", "", f"![curves]({study.name}.png)", ""]
+              "compile included (a resumed run adds its second start). Crashes: unseen episodes that ended with the "
+              "lander's body on the ground or out of bounds (lab.outcomes; '-' where not recorded or not "
+              "LunarLander); a crash after a good approach can still return more than 0.", "",
+              f"![curves]({study.name}.png)", ""]
     return "\n".join(lines)
 
 

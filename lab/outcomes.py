@@ -263,6 +263,31 @@ def play(agent, env, seed: int) -> Trajectory:
                       np.asarray(rewards, dtype=np.float64), bool(terminated), bool(truncated))
 
 
+CRASHES = (CRASHED_BODY, CRASHED_OUT)  # the outcomes a user sees as a crash in the videos
+
+
+def classifiable(env_id: str) -> bool:
+    """Whether these outcomes describe the env's episodes (LunarLanderContinuous only)."""
+    return env_id.startswith("LunarLanderContinuous")
+
+
+def play_episodes(agent, env, episodes: int, first_seed: int,
+                  classify_outcomes: bool) -> tuple[list[float], list[str] | None]:
+    """Deterministic returns of `episodes` episodes, the i-th reset with `first_seed + i`, and with
+    `classify_outcomes` how each ended. Each return is summed step by step as sac_model.evaluate_policy sums
+    it, so the numbers are the ones train.py's evaluations would give."""
+    returns, kinds = [], []
+    for i in range(episodes):
+        trajectory = play(agent, env, first_seed + i)
+        total = 0.0
+        for reward in trajectory.rewards:
+            total += float(reward)
+        returns.append(total)
+        if classify_outcomes:
+            kinds.append(classify(trajectory))
+    return returns, kinds if classify_outcomes else None
+
+
 def diagnose_agent(path: str | Path, episodes: int, seed: int) -> list[EpisodeReport]:
     """Play a saved LunarLanderContinuous agent for `episodes` episodes (the i-th reset with `seed + i`)."""
     from sac_model import ConfigError, load_agent_and_env

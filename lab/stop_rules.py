@@ -43,7 +43,6 @@ CHECK_EPISODES = SACConfig().target_episodes  # the check every rule here makes,
 CHECK_STD_ERRORS = SACConfig().target_std_errors  # lower bound = mean - 2 std / sqrt(episodes), as train.py's
 LANDING_RETURN = 200.0  # an episode at or above this counts as a landing (LunarLander's solved threshold)
 TRAJECTORY_EVERY = 10_000  # env steps between the trajectory's checkpoints
-REAL_CRASHES = (outcomes.CRASHED_BODY, outcomes.CRASHED_OUT)
 CACHE_VERSION = 1
 STEP_NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -81,7 +80,7 @@ class Run:
     @property
     def classifiable(self) -> bool:
         """Whether lab.outcomes can name how its episodes end (LunarLanderContinuous only)."""
-        return self.env_id.startswith("LunarLanderContinuous")
+        return outcomes.classifiable(self.env_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +112,7 @@ class Evaluation:
 
     @property
     def real_crashes(self) -> int | None:
-        return None if self.outcomes is None else sum(o in REAL_CRASHES for o in self.outcomes)
+        return None if self.outcomes is None else sum(o in outcomes.CRASHES for o in self.outcomes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,22 +274,14 @@ class Job:
 
 
 def play_job(job: Job) -> dict:
-    """Play a job's episodes (lab.outcomes.play: deterministic, as sac_model.evaluate_policy). Each return is
-    summed step by step like evaluate_policy's, so a check here equals the one train.py would have made."""
+    """Play a job's episodes (deterministic, as sac_model.evaluate_policy): a check here equals the one
+    train.py would have made."""
     agent, env = load_agent_and_env(job.path)
-    returns, kinds = [], []
     try:
-        for i in range(job.episodes):
-            trajectory = outcomes.play(agent, env, job.first_seed + i)
-            total = 0.0
-            for reward in trajectory.rewards:
-                total += float(reward)
-            returns.append(total)
-            if job.classify:
-                kinds.append(outcomes.classify(trajectory))
+        returns, kinds = outcomes.play_episodes(agent, env, job.episodes, job.first_seed, job.classify)
     finally:
         env.close()
-    return {"returns": returns, "outcomes": kinds if job.classify else None}
+    return {"returns": returns, "outcomes": kinds}
 
 
 def _one_thread() -> None:
