@@ -1611,6 +1611,9 @@ def _load_failure_reason(error: BaseException, path: Path) -> str:
     if zip_archive:
         return ("the file is cut short or damaged (torch.save writes a zip archive, and this one is incomplete), "
                 "for example a copy that did not finish")
+    if "WeightsUnpickler error:" in text:
+        return ("refused by weights_only loading: its bytes are a pickle it will not run, or not a torch file at "
+                "all, never a checkpoint of this repository")
     return "its bytes are not a torch checkpoint"
 
 

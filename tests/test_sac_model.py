@@ -1297,8 +1297,9 @@ def test_checkpoint_refuses_missing_garbage_truncated_and_foreign_files(tmp_path
     # message cut off mid-sentence.
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    assert _assert_refused(garbage).endswith("its bytes are not a torch checkpoint; give a .pt file that train.py "
-                                             "wrote")
+    assert _assert_refused(garbage).endswith("refused by weights_only loading: its bytes are a pickle it will not "
+                                             "run, or not a torch file at all, never a checkpoint of this "
+                                             "repository; give a .pt file that train.py wrote")
     text = tmp_path / "notes.pt"
     text.write_text("hello, this is not a checkpoint\n")
     assert "its bytes are not a torch checkpoint" in _assert_refused(text)
