@@ -28,8 +28,8 @@ from sac_model import (
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, PRIORITIES, RUNS_DIR, TARGET_SEED_OFFSET, NStepCollector,
     OneLineErrorParser, ReplayBuffer, SACAgent, SACConfig, SACError, TrainingDivergedError, TrainingState,
     WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env, check_lower_bound, config_from_args,
-    evaluate_policy, fail, find_checkpoint, flag, flat_dim, keep_freed_memory_mapped, lock_run, make_buffer,
-    make_env, newest_intact_checkpoint, precision_line, prune_checkpoints, read_checkpoint, refuse_existing_run,
+    env_threshold, evaluate_policy, fail, find_checkpoint, flag, flat_dim, keep_freed_memory_mapped, lock_run,
+    make_buffer, make_env, newest_intact_checkpoint, precision_line, prune_checkpoints, read_checkpoint, refuse_existing_run,
     remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
 )
 
@@ -275,11 +275,16 @@ def stop_rule(config: SACConfig, budget: int) -> str:
     target = target_return(config)
     if target is None or not config.eval_every:
         return f"trains its whole budget, {cap} (no --target-return)"
+    threshold, named = env_threshold(config.env), ""
+    if config.target_return.startswith("auto") and threshold is not None:
+        offset = target - threshold
+        named = (" (the env's solved threshold)" if offset == 0 else
+                 f" (the env's solved threshold, {threshold:g}, {'plus' if offset > 0 else 'minus'} {abs(offset):g})")
     margin = (f"its mean minus {config.target_std_errors:g} standard errors" if config.target_std_errors
               else "its mean")
-    return (f"stops when solved: once a {config.eval_episodes}-episode evaluation (every {config.eval_every} "
-            f"episodes) reaches {target:g}, {config.target_episodes} fresh episodes decide ({margin} >= "
-            f"{target:g}); {cap}")
+    return (f"stops at {target:g}{named}: once a {config.eval_episodes}-episode evaluation (every "
+            f"{config.eval_every} episodes) reaches {target:g}, {config.target_episodes} fresh episodes decide "
+            f"({margin} >= {target:g}); {cap}")
 
 
 def announce(config: SACConfig, agent: SACAgent, budget: int, resumed: bool) -> None:

@@ -7,9 +7,10 @@ Every run is its own process with the same torch thread count, `--parallel` at a
 is `python train.py --seed N --threads 1` exactly as a user starts it; each peer is this script's worker
 (`--worker ALGO`) training the zoo's model with `learn`. All of them are judged by train.py's solved check,
 unchanged: after every 10th episode a 10-episode deterministic evaluation (seeds seed + EVAL_SEED_OFFSET);
-when its mean reaches the target (200), 100 deterministic episodes no earlier check played (seeds
-seed + TARGET_SEED_OFFSET + k x 100) decide: solved when their mean minus 2 standard errors reaches 200. A run
-stops when solved or at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1099.
+when its mean reaches the default run's target (`target_return(SACConfig())`: 260 on LunarLander, its solved
+threshold 200 plus 60), 100 deterministic episodes no earlier check played (seeds seed + TARGET_SEED_OFFSET +
+k x 100) decide: solved when their mean minus 2 standard errors reaches the target. A run stops when solved or
+at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1099.
 
 Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
 skips the (algorithm, seed) pairs the sidecar holds. A run that was interrupted starts over.
@@ -499,8 +500,10 @@ def page(rows: dict[str, dict], head: list[str]) -> str:
     if ordered:
         lines += ["", *summary(ordered)]
     commits = sorted({r["commit"] for r in ordered} - {git_commit()})
-    lines += ["", "Solved: train.py's check, unchanged (a 10-episode deterministic evaluation every 10 episodes; "
-              "when it reaches 200, 100 fresh deterministic episodes, passed at mean - 2 standard errors >= 200). "
+    target = f"{target_return(SACConfig()):g}"
+    lines += ["", f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation "
+              f"every 10 episodes; when it reaches {target}, 100 fresh deterministic episodes, passed at mean - 2 "
+              f"standard errors >= {target}). "
               "Wall time: the run's process from start to exit (imports and, for ours, compiling the step "
               "included), unsolved runs at their cap. Unseen: the final agent, deterministic. Peers: rl-zoo3's "
               "hyperparameters for the env, read from the installed package; `learn` is given the zoo's n_timesteps, "

@@ -168,7 +168,7 @@ def budget(steps: int) -> Rule:
 def default_rules(target: float = 200.0) -> list[Rule]:
     """The rules compared; `target` stands for 200 (the same offsets above it), so a test can use another scale."""
     t = target
-    return [first(t), first(t + 20), first(t + 30), first(t + 40), first(t + 50),
+    return [first(t), first(t + 20), first(t + 30), first(t + 40), first(t + 50), first(t + 60), first(t + 70),
             crashes(t, 0), crashes(t, 1), crashes(t, 2), crashes(t + 20, 2),
             landings(t, 90), landings(t, 95),
             real_crashes(t, 1), real_crashes(t, 2), real_crashes(t + 20, 2),

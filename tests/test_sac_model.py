@@ -1478,13 +1478,16 @@ def test_per_beta_anneals_linearly_to_one_and_stays():
     assert per_beta(SACConfig(episodes=2, max_steps=50, total_steps=None, per_beta_start=1.0), 30) == pytest.approx(1.0)
 
 
-def test_target_return_auto_is_the_envs_reward_threshold_and_none_turns_it_off():
-    assert SACConfig().target_return == "auto"
-    assert target_return(SACConfig()) == 200.0  # LunarLanderContinuous-v3 registers 200
+def test_target_return_auto_is_the_envs_reward_threshold_plus_n_and_none_turns_it_off():
+    assert SACConfig().target_return == "auto+60"
+    assert target_return(SACConfig()) == 260.0  # LunarLanderContinuous-v3 registers 200
+    assert target_return(SACConfig(target_return="auto")) == 200.0
+    assert target_return(SACConfig(target_return="auto-12.5")) == 187.5
+    assert target_return(SACConfig(env="Pendulum-v1", target_return="auto+60")) is None
     assert target_return(SACConfig(env="Pendulum-v1")) is None  # registers no threshold
     assert target_return(SACConfig(target_return="none")) is None
     assert target_return(SACConfig(env="Pendulum-v1", target_return="-150.5")) == -150.5
-    for invalid in ("solved", "nan", "inf", ""):
+    for invalid in ("solved", "nan", "inf", "", "auto+", "auto60", "AUTO+60", "auto+nan"):
         with pytest.raises(ConfigError, match="--target-return"):
             SACConfig(target_return=invalid).validate()
 

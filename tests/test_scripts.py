@@ -329,8 +329,11 @@ def test_the_first_lines_name_the_run_its_folders_the_device_and_the_stop_rule(t
     assert lines[6].startswith("Ctrl-C finishes the current episode")
     assert (tmp_path / "checkpoints" / name / "final.pt").is_file() and (tmp_path / "runs" / name).is_dir()
     default = train.stop_rule(SACConfig(), 300_000)
-    assert default == ("stops when solved: once a 10-episode evaluation (every 10 episodes) reaches 200, 100 fresh "
-                       "episodes decide (its mean minus 2 standard errors >= 200); at most 300,000 env steps")
+    assert default == ("stops at 260 (the env's solved threshold, 200, plus 60): once a 10-episode evaluation (every "
+                       "10 episodes) reaches 260, 100 fresh episodes decide (its mean minus 2 standard errors >= 260); "
+                       "at most 300,000 env steps")
+    assert train.stop_rule(SACConfig(target_return="auto"), 300_000).startswith(
+        "stops at 200 (the env's solved threshold): once a 10-episode evaluation")
 
 
 def _episode_events(run_dir: Path) -> list:

@@ -21,7 +21,9 @@ from benchmarks.time_to_solved import (  # noqa: E402
     parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, summary, zoo_hyperparams,
     zoo_hyperparams_file,
 )
-from sac_model import EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACError, evaluate_policy, make_env  # noqa: E402
+from sac_model import (  # noqa: E402
+    EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, make_env, target_return,
+)
 
 TINY_ID = "TimeToSolvedTiny-v0"
 SEED = 7
@@ -56,6 +58,7 @@ class OneStepEnv(gym.Env):
 
 
 gym.register(TINY_ID, entry_point=OneStepEnv, reward_threshold=200.0, max_episode_steps=5)
+TARGET = target_return(SACConfig(env=TINY_ID))  # the default run's target on this env: its threshold + 60
 
 
 def train_tiny(cap: int, **returns: float):
@@ -79,15 +82,15 @@ def test_the_check_runs_only_when_the_evaluation_reaches_the_target():
 
 
 def test_a_check_passes_by_the_lower_bound_and_stops_training():
-    # 207 - 2 x 30 / sqrt(100) = 201 >= 200: solved at the first evaluation, after episode 10.
-    model, callback, _ = train_tiny(300, eval_return=200.0, check_mean=207.0, check_std=30.0)
+    # (TARGET + 7) - 2 x 30 / sqrt(100) = TARGET + 1: solved at the first evaluation, after episode 10.
+    model, callback, _ = train_tiny(300, eval_return=TARGET, check_mean=TARGET + 7, check_std=30.0)
     assert callback.solved and model.num_timesteps == 10 and callback.episodes == 10
-    assert callback.checks == [[10, 207.0, 30.0]]
+    assert callback.checks == [[10, TARGET + 7, 30.0]]
 
 
 def test_a_failed_check_trains_on_and_each_check_plays_fresh_seeds():
-    # 205 - 2 x 30 / 10 = 199 < 200, although the mean is above the target.
-    model, callback, seeds = train_tiny(30, eval_return=200.0, check_mean=205.0, check_std=30.0)
+    # (TARGET + 5) - 2 x 30 / 10 = TARGET - 1, although the mean is above the target.
+    model, callback, seeds = train_tiny(30, eval_return=TARGET, check_mean=TARGET + 5, check_std=30.0)
     assert not callback.solved and model.num_timesteps == 30
     assert [c[0] for c in callback.checks] == [10, 20, 30]  # the last one at the cap: none for the record
     first = SEED + TARGET_SEED_OFFSET
