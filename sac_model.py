@@ -146,7 +146,7 @@ class SACConfig:
     save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
     compile: bool = _option(True, "run the gradient step through torch.compile as one graph (falls back to eager "
                                   "where no C++ compiler is found); the first compile takes 30-60 s, later runs "
-                                  "reuse inductor's on-disk cache")
+                                  "at the same --threads reuse inductor's on-disk cache (about 5 s)")
     cuda_graphs: bool = _option(False, "on CUDA, replay the compiled step as one CUDA graph (torch.compile's "
                                        "reduce-overhead mode) instead of launching its hundreds of small kernels "
                                        "one by one; not yet measured by this repository (docs/performance.md)")

@@ -384,8 +384,8 @@ def play_episode(run: Run, budget: int) -> Episode:
             run.stop.announce(run.config.max_steps - episode.length)
         if progress.global_step >= config.update_after and progress.global_step % config.update_every == 0:
             if run.compile_pending:
-                tqdm.write("compiling the gradient step before the first update: 30-60 s the first time, "
-                           "seconds once inductor's cache holds it")
+                tqdm.write("compiling the gradient step before the first update: 30-60 s the first time on a "
+                           "machine or at a new --threads, about 5 s once inductor's cache holds it")
                 run.compile_pending = False
             update_round(run)
     return episode
