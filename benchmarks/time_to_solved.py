@@ -13,7 +13,10 @@ k x 100) decide: solved when their mean minus 2 standard errors reaches the targ
 at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1099.
 
 Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
-skips the (algorithm, seed) pairs the sidecar holds. A run that was interrupted starts over.
+skips the (algorithm, seed) pairs the sidecar holds. An interrupted peer resumes from its last resume point (saved
+every SAVE_EVERY env steps, at an episode's end: model, optimizers and replay buffer), its wall time summed over
+its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from the default run's
+confirmation on the same CPU (`lab.confirm`'s results file) instead of training ours again.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,7 +44,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab.confirm import commit, parse_seeds  # noqa: E402  (the repository root has to be on the path first)
+from lab import outcomes  # noqa: E402  (the repository root has to be on the path first)
+from lab.confirm import commit, parse_seeds, solved_at, wall_minutes  # noqa: E402
 from lab.provenance import cpu_name  # noqa: E402
 from sac_model import (  # noqa: E402
     CHECKPOINTS_DIR, EVAL_SEED_OFFSET, RUNS_DIR, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError,
@@ -55,6 +60,8 @@ ALGOS = (OURS, *PEERS)
 DEFAULT_CAP = 300_000
 UNSEEN_SEED, UNSEEN_EPISODES = 1000, 100
 RUN_PREFIX = "h2h"  # ours: runs/h2h_ours__seedN and checkpoints/h2h_ours__seedN under the repository root
+# A peer's resume point every this many env steps: a run killed with its session redoes at most this much work.
+SAVE_EVERY = 25_000
 
 
 class ZooError(SACError):
@@ -217,9 +224,10 @@ def solved(checks: list, config: SACConfig) -> bool:
     return check_lower_bound(mean, std, config.target_episodes, config.target_std_errors) >= target
 
 
-def make_check_callback(eval_env, config: SACConfig, cap: int):
+def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[], None] | None = None,
+                        save_every: int = SAVE_EVERY):
     """The SB3 callback that runs train.py's check on the model it trains, and stops `learn` when solved or at
-    `cap` env steps."""
+    `cap` env steps; `save`, when given, writes a resume point at the first episode end every `save_every` steps."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     class SolvedCheck(BaseCallback):
@@ -230,6 +238,16 @@ def make_check_callback(eval_env, config: SACConfig, cap: int):
             self.evaluations: list[list[float]] = []  # [env step, mean, std], as train.py's eval_history
             self.checks: list[list[float]] = []  # [env step, mean, std], as train.py's target_checks
             self.check_seeds: list[int] = []
+            self.saved_at = 0
+
+        def state(self) -> dict:
+            """What a resumed run needs to go on judging as this one would have."""
+            return {"episodes": self.episodes, "evaluations": self.evaluations, "checks": self.checks,
+                    "check_seeds": self.check_seeds}
+
+        def restore(self, state: dict, step: int) -> None:
+            self.episodes, self.evaluations = state["episodes"], state["evaluations"]
+            self.checks, self.check_seeds, self.saved_at = state["checks"], state["check_seeds"], step
 
         @property
         def solved(self) -> bool:
@@ -246,6 +264,9 @@ def make_check_callback(eval_env, config: SACConfig, cap: int):
                             self.check()
                             if self.solved:
                                 return False
+                    if save is not None and self.num_timesteps - self.saved_at >= save_every:
+                        save()
+                        self.saved_at = self.num_timesteps
             return self.num_timesteps < self.cap
 
         def evaluate(self) -> None:
@@ -277,18 +298,75 @@ def peer_class(algo: str):
     return getattr(importlib.import_module(module), name)
 
 
-def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path) -> dict:
-    """The worker: train the zoo's model for `algo` until solved or `cap`, save it, return its record."""
+RESUME, RESUME_OLD, RESUME_NEW = "resume", "resume.old", "resume.new"
+
+
+def save_resume_point(model, callback, out_dir: Path, minutes: float, segments: int) -> None:
+    """Model (with its optimizers), replay buffer and the check's state, swapped in whole: a kill at any moment
+    leaves one complete resume point."""
+    new, current, old = out_dir / RESUME_NEW, out_dir / RESUME, out_dir / RESUME_OLD
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    model.save(new / "model.zip")
+    model.save_replay_buffer(new / "replay_buffer.pkl")
+    state = {"steps": int(model.num_timesteps), "minutes": minutes, "segments": segments, **callback.state()}
+    (new / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(old, ignore_errors=True)
+    if current.exists():
+        current.rename(old)
+    new.rename(current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_resume_point(out_dir: Path) -> tuple[Path, dict] | None:
+    """The newest complete resume point of an interrupted run, if any."""
+    for name in (RESUME, RESUME_OLD):
+        if (out_dir / name / "state.json").is_file():
+            return out_dir / name, json.loads((out_dir / name / "state.json").read_text())
+    return None
+
+
+def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, started: float,
+               env_id: str = ENV_ID, overrides: dict | None = None, save_every: int = SAVE_EVERY) -> dict:
+    """The worker: train the zoo's model for `algo` (with `overrides`, for tests) until solved or `cap`, resuming
+    an interrupted run; save the model and return its record. `started`: when the study started this process
+    (time.time()), where its wall time starts."""
     from stable_baselines3.common.env_util import make_vec_env
 
+    if (out_dir / "record.json").is_file():  # finished before its row was written: nothing to train
+        return json.loads((out_dir / "record.json").read_text())
     torch.set_num_threads(threads)
     key, kwargs, budget = zoo_hyperparams(algo)
-    env = make_vec_env(ENV_ID, n_envs=1, seed=seed)  # as the zoo makes it (one env, Monitor-wrapped)
-    model = peer_class(algo)(env=env, seed=seed, verbose=0, device="cpu", **kwargs)
-    eval_env = make_env(ENV_ID)
-    callback = make_check_callback(eval_env, check_config(seed), cap)
+    kwargs.update(overrides or {})
     # The zoo's n_timesteps is the clock of its schedules (lin_ falls to 0 there); the cap stops the run earlier.
-    model.learn(total_timesteps=max(budget, cap), callback=callback)
+    clock = max(budget, cap)
+    eval_env = make_env(env_id)
+    resume = last_resume_point(out_dir)
+    earlier_minutes, segments = (resume[1]["minutes"], resume[1]["segments"] + 1) if resume else (0.0, 1)
+
+    def minutes() -> float:
+        return earlier_minutes + (time.time() - started) / 60
+
+    def save() -> None:
+        save_resume_point(model, callback, out_dir, minutes(), segments)
+
+    callback = make_check_callback(eval_env, check_config(seed, env_id), cap, save, save_every)
+    if resume:
+        folder, state = resume
+        # A fresh episode from a new env seed: the interrupted one's transitions up to the save are in the buffer.
+        env = make_vec_env(env_id, n_envs=1, seed=seed + state["steps"])
+        model = peer_class(algo).load(folder / "model.zip", env=env, device="cpu")
+        model.load_replay_buffer(folder / "replay_buffer.pkl")
+        model.set_random_seed(seed + state["steps"])
+        callback.restore(state, state["steps"])
+        print(f"resuming {algo} seed {seed} at env step {state['steps']:,} ({earlier_minutes:.1f} min before)",
+              flush=True)
+        # learn() adds the steps taken to total_timesteps: the schedules keep their clock.
+        model.learn(total_timesteps=clock - model.num_timesteps, callback=callback, reset_num_timesteps=False)
+    else:
+        env = make_vec_env(env_id, n_envs=1, seed=seed)  # as the zoo makes it (one env, Monitor-wrapped)
+        model = peer_class(algo)(env=env, seed=seed, verbose=0, device="cpu", **kwargs)
+        model.learn(total_timesteps=clock, callback=callback)
     if not callback.solved:
         callback.close_unsolved()
     eval_env.close()
@@ -296,8 +374,10 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path) -> d
     model.save(out_dir / "model.zip")
     record = {"steps": int(model.num_timesteps), "updates": int(model._n_updates), "episodes": callback.episodes,
               "evaluations": callback.evaluations, "checks": callback.checks, "solved": callback.solved,
-              "zoo_key": key, "zoo_budget": budget, "learn_total_timesteps": max(budget, cap)}
+              "minutes": minutes(), "segments": segments, "zoo_key": key, "zoo_budget": budget,
+              "learn_total_timesteps": clock}
     (out_dir / "record.json").write_text(json.dumps(record, indent=1))
+    shutil.rmtree(out_dir / RESUME, ignore_errors=True)
     return record
 
 
@@ -339,6 +419,11 @@ class Study:
                                       if self.results_path.is_file() else {})
         self.work = Path(args.work_dir)
         self.commands: dict[tuple[str, int], list[str]] = {}
+        if args.ours_from:
+            if args.threads != 1:
+                raise SACError("--ours-from: a confirmation's runs have one thread each; use --threads 1")
+            for seed, record in confirmation_rows(Path(args.ours_from)).items():
+                self.rows.setdefault(row_key(OURS, seed), record)
 
     def pending(self, algos: list[str], seeds: list[int]) -> list[tuple[str, int]]:
         return [(a, s) for s in seeds for a in algos if row_key(a, s) not in self.rows]
@@ -372,9 +457,10 @@ class Study:
         busy evaluating another run's final agent."""
         command = self.commands[algo, seed] = self.process_command(algo, seed)
         self.work.mkdir(parents=True, exist_ok=True)
-        log = open(self.work / f"{self.run_name(algo, seed)}.log", "w")
+        log = open(self.work / f"{self.run_name(algo, seed)}.log", "w" if algo == OURS else "a")  # a peer resumes
         print(f"{time.strftime('%H:%M:%S')} start {algo} seed {seed}: {shown(command)}", flush=True)
-        run = {"started": time.perf_counter(), "process": subprocess.Popen(command, cwd=REPO, stdout=log,
+        started = ["--started-at", repr(time.time())] if algo != OURS else []
+        run = {"started": time.perf_counter(), "process": subprocess.Popen(command + started, cwd=REPO, stdout=log,
                                                                          stderr=subprocess.STDOUT)}
 
         def wait() -> None:
@@ -386,7 +472,8 @@ class Study:
         return run
 
     def finish(self, algo: str, seed: int, returncode: int, minutes: float) -> dict:
-        """The row of a finished run: its counters, and its final agent on the unseen episodes."""
+        """The row of a finished run: its counters, and its final agent on the unseen episodes. `minutes`: the
+        process's wall time (a peer's record has its own, summed over the processes of a resumed run)."""
         log = self.work / f"{self.run_name(algo, seed)}.log"
         if returncode != 0:
             raise SACError(f"{algo} seed {seed} exited with code {returncode}; see {log}")
@@ -397,20 +484,42 @@ class Study:
             training, config = TrainingState.of(checkpoint, final), SACConfig(**checkpoint["metadata"]["config"])
             record = {"steps": training.global_step, "updates": training.updates, "episodes": training.episode,
                       "checks": training.target_checks, "evaluations": training.eval_history,
-                      "solved": solved(training.target_checks, config)}
+                      "solved": solved(training.target_checks, config), "minutes": minutes}
             agent, env = load_agent_and_env(final)
         else:
             folder = self.work / self.run_name(algo, seed)
             record = json.loads((folder / "record.json").read_text())
             agent, env = SB3Actor(peer_class(algo).load(folder / "model.zip", device="cpu")), make_env(ENV_ID)
         try:
-            unseen = evaluate_policy(agent, env, UNSEEN_EPISODES, UNSEEN_SEED)
+            unseen, kinds = outcomes.play_episodes(agent, env, UNSEEN_EPISODES, UNSEEN_SEED,
+                                                   outcomes.classifiable(ENV_ID))
         finally:
             env.close()
-        record.update(algo=algo, seed=seed, minutes=minutes, cap=self.args.caps[algo], unseen=unseen,
+        record.update(algo=algo, seed=seed, cap=self.args.caps[algo], unseen=unseen,
+                      crashes=sum(kind in outcomes.CRASHES for kind in kinds),
                       command=shown(self.commands[algo, seed]), commit=git_commit())
         self.rows[row_key(algo, seed)] = record
         return record
+
+
+def confirmation_rows(path: Path) -> dict[int, dict]:
+    """Our default run's finished rows in a `lab.confirm` results file, as rows of this page, keyed by seed. Its
+    runs must have stopped at today's default target: a confirmation of another design is not our side."""
+    if not path.is_file():
+        raise SACError(f"--ours-from: {path} does not exist (a lab.confirm results file, docs/studies/<name>.json)")
+    rows, target = {}, target_return(SACConfig())
+    for record in json.loads(path.read_text()).values():
+        if "unseen" not in record:
+            continue  # not finished
+        if record["target"] != target:
+            raise SACError(f"--ours-from: {path} ran to a target of {record['target']:g}; today's default run stops at "
+                           f"{target:g}: run ours instead")
+        rows[record["seed"]] = {
+            "algo": OURS, "seed": record["seed"], "steps": record["steps"], "updates": record["updates"],
+            "minutes": wall_minutes(record), "solved": solved_at(record) is not None, "cap": record["cap"],
+            "checks": record["checks"], "unseen": record["unseen"], "crashes": record["unseen_crashes"],
+            "command": f"python train.py --seed {record['seed']} --threads 1", "commit": None, "source": str(path)}
+    return rows
 
 
 def shown(command: list[str]) -> str:
@@ -451,19 +560,19 @@ def run(study: Study, pairs: list[tuple[str, int]]) -> None:
 # The page
 # --------------------------------------------------------------------------------------------
 
-COLUMNS = ["algorithm", "seed", "env steps", "gradient steps", "episodes", "wall time (min)", "solved",
+COLUMNS = ["algorithm", "seed", "env steps", "gradient steps", "wall time (min)", "solved",
            "last 100-episode check", f"unseen {UNSEEN_SEED}-{UNSEEN_SEED + UNSEEN_EPISODES - 1}: mean",
-           "std", ">= 200", "< 0"]
+           "std", ">= 200", "< 0", "crashes"]
 
 
 def row_cells(record: dict) -> list[str]:
     unseen = np.asarray(record["unseen"])
     check = record["checks"][-1] if record["checks"] else None
     return [record["algo"], str(record["seed"]), f"{record['steps']:,}", f"{record['updates']:,}",
-            f"{record['episodes']:,}", f"{record['minutes']:.1f}",
+            f"{record['minutes']:.1f}",
             "yes" if record["solved"] else f"no (cap {record['cap']:,})",
             f"{check[1]:.1f} +/- {check[2]:.1f}" if check else "none", f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
-            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum()))]
+            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum())), str(record["crashes"])]
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -473,7 +582,8 @@ def summary(rows: list[dict]) -> list[str]:
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
     ours = float(np.median([r["minutes"] for r in by_algo[OURS]])) if OURS in by_algo else None
     lines = ["| algorithm | runs | solved | median wall time (min) | x ours | median env steps | "
-             "unseen mean: median | unseen >= 200: median | unseen < 0: median |", "| --- " * 9 + "|"]
+             "unseen mean: median | unseen >= 200: median | unseen < 0: median | crashes: median |",
+             "| --- " * 10 + "|"]
     for algo, group in by_algo.items():
         minutes = float(np.median([r["minutes"] for r in group]))
         unseen = [np.asarray(r["unseen"]) for r in group]
@@ -481,7 +591,8 @@ def summary(rows: list[dict]) -> list[str]:
         lines.append(f"| {algo} | {len(group)} | {sum(r['solved'] for r in group)} | {minutes:.1f} | {ratio} | "
                      f"{np.median([r['steps'] for r in group]):,.0f} | {np.median([u.mean() for u in unseen]):.1f} | "
                      f"{np.median([(u >= 200).sum() for u in unseen]):g} | "
-                     f"{np.median([(u < 0).sum() for u in unseen]):g} |")
+                     f"{np.median([(u < 0).sum() for u in unseen]):g} | "
+                     f"{np.median([r['crashes'] for r in group]):g} |")
     return lines
 
 
@@ -499,19 +610,26 @@ def page(rows: dict[str, dict], head: list[str]) -> str:
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in ordered]
     if ordered:
         lines += ["", *summary(ordered)]
-    commits = sorted({r["commit"] for r in ordered} - {git_commit()})
+    commits = sorted({r["commit"] for r in ordered} - {git_commit(), None})
+    sources = sorted({r["source"] for r in ordered if r.get("source")})
     target = f"{target_return(SACConfig()):g}"
     lines += ["", f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation "
               f"every 10 episodes; when it reaches {target}, 100 fresh deterministic episodes, passed at mean - 2 "
               f"standard errors >= {target}). "
-              "Wall time: the run's process from start to exit (imports and, for ours, compiling the step "
-              "included), unsolved runs at their cap. Unseen: the final agent, deterministic. Peers: rl-zoo3's "
+              "Wall time: from the run's process start (imports and, for ours, compiling the step included) to its "
+              "exit (ours) or its saved model (peers), summed over the processes of a resumed run; unsolved runs at "
+              "their cap. Unseen: the final agent, deterministic; crashes: episodes the env ended with the lander's "
+              "body on the ground or out of bounds (lab.outcomes), which a return below 0 does not always show. Peers: rl-zoo3's "
               "hyperparameters for the env, read from the installed package; `learn` is given the zoo's n_timesteps, "
               "the clock of its lin_ schedules (500k for SAC and TQC; the cap where larger, as for CrossQ's 200k "
               "without a schedule), and is stopped by the check or the cap. "
               "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
     if commits:
         lines += ["", f"Rows of earlier sessions ran at commit(s) {', '.join(commits)}."]
+    if sources:
+        lines += ["", f"Our rows come from the default run's confirmation on this CPU, {', '.join(sources)} (two runs "
+                  "at a time, one thread each; its page names the commits), and are not run again here. Their wall "
+                  "time is summed over the processes of a resumed run."]
     return "\n".join(lines) + "\n"
 
 
@@ -541,8 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra train.py flags for ours (a smoke test; the study has none)")
     parser.add_argument("--work-dir", default=str(REPO / "studies" / "time_to_solved"),
                         help="logs and the peers' saved models (default: studies/time_to_solved)")
+    parser.add_argument("--ours-from", metavar="JSON",
+                        help="take our rows from the default run's confirmation on this CPU (lab.confirm's "
+                             "docs/studies/<name>.json) instead of running ours")
     parser.add_argument("--commit", action="store_true", help="git-commit the page and its sidecar after each row")
     parser.add_argument("--worker", choices=list(PEERS), help=argparse.SUPPRESS)  # one peer run, in its own process
+    parser.add_argument("--started-at", type=float, help=argparse.SUPPRESS)  # the worker's start, time.time()
     return parser
 
 
@@ -554,7 +676,8 @@ def time_to_solved(args: argparse.Namespace, argv: list[str]) -> None:
     if args.worker:
         if len(seeds) != 1:
             raise SACError("--worker trains one seed")
-        train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir))
+        train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir),
+                   args.started_at or time.time())
         return
     study = Study(args, shlex.join(["python", "benchmarks/time_to_solved.py", *argv]))
     pairs = study.pending(algos, seeds)

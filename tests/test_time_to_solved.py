@@ -3,6 +3,7 @@ the installed package, resumption and the page. No training beyond a few dozen o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -16,10 +17,11 @@ pytest.importorskip("rl_zoo3", reason="the head-to-head benchmark: pip install -
 from rl_zoo3.exp_manager import ExperimentManager  # noqa: E402
 from stable_baselines3 import SAC  # noqa: E402
 
+import benchmarks.time_to_solved as time_to_solved  # noqa: E402
 from benchmarks.time_to_solved import (  # noqa: E402
-    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, main, make_check_callback, model_kwargs, page,
-    parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, summary, zoo_hyperparams,
-    zoo_hyperparams_file,
+    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, main, make_check_callback,
+    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, summary,
+    train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
 from sac_model import (  # noqa: E402
     EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, make_env, target_return,
@@ -37,7 +39,8 @@ class OneStepEnv(gym.Env):
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
-    def __init__(self, eval_return: float = 0.0, check_mean: float = 0.0, check_std: float = 0.0) -> None:
+    def __init__(self, eval_return: float = 0.0, check_mean: float = 0.0, check_std: float = 0.0,
+                 render_mode: str | None = None) -> None:
         self.eval_return, self.check_mean, self.check_std = eval_return, check_mean, check_std
         self.seeds: list[int | None] = []
 
@@ -205,20 +208,78 @@ def test_caps_per_algorithm():
             parse_caps(bad)
 
 
+TINY_SAC = {"learning_starts": 10**6, "buffer_size": 1000, "policy_kwargs": {"net_arch": [8]}}  # no update
+
+
+class Killed(Exception):
+    """A session's end, in the middle of a peer's run."""
+
+
+def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, monkeypatch):
+    save = time_to_solved.save_resume_point
+
+    def save_then_die_at_step_20(model, *args) -> None:
+        save(model, *args)
+        if model.num_timesteps >= 20:
+            raise Killed
+
+    monkeypatch.setattr(time_to_solved, "save_resume_point", save_then_die_at_step_20)
+    with pytest.raises(Killed):  # started a minute ago: its wall time so far is over a minute
+        train_peer("sac", SEED, 1, 40, tmp_path, time.time() - 60, TINY_ID, TINY_SAC, save_every=10)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "resume" / "state.json").read_text())
+    assert (state["steps"], state["episodes"], state["segments"]) == (20, 20, 1) and 1 < state["minutes"] < 2
+    assert [e[0] for e in state["evaluations"]] == [10, 20] and not (tmp_path / "record.json").exists()
+
+    record = train_peer("sac", SEED, 1, 40, tmp_path, time.time(), TINY_ID, TINY_SAC, save_every=10)
+    assert (record["steps"], record["episodes"], record["segments"]) == (40, 40, 2)
+    assert state["minutes"] <= record["minutes"] < state["minutes"] + 1  # the earlier process's minute counts
+    assert [e[0] for e in record["evaluations"]] == [10, 20, 30, 40] and not record["solved"]
+    assert not (tmp_path / "resume").exists()
+    model = SAC.load(tmp_path / "model.zip", device="cpu")
+    assert model.num_timesteps == 40 and model._total_timesteps == 500_000  # the zoo's clock of its schedules
+    assert train_peer("sac", SEED, 1, 40, tmp_path, time.time(), TINY_ID, TINY_SAC) == record  # done: no training
+
+
+def confirmation_record(seed: int, target: float = 260.0) -> dict:
+    """A finished row of lab.confirm's results file: two processes of 6 and 4 minutes, solved at 90,000."""
+    return {"seed": seed, "segments": [[0.0, 360.0], [1000.0, 1240.0]], "steps": 90_000, "updates": 89_000,
+            "cap": 300_000, "checks": [[90_000, 270.0, 20.0]], "target": target, "std_errors": 2.0,
+            "target_episodes": 100, "unseen": [265.0, 255.0], "unseen_crashes": 1}
+
+
+def test_our_rows_come_from_the_default_runs_confirmation(tmp_path: Path):
+    results = tmp_path / "default_run.json"
+    results.write_text(json.dumps({"defaults__seed1": confirmation_record(1),
+                                   "defaults__seed2": {"seed": 2, "segments": [[0.0, None]]}}))  # still running
+    rows = confirmation_rows(results)
+    assert list(rows) == [1] and rows[1]["minutes"] == pytest.approx(10.0) and rows[1]["solved"]
+    assert row_cells(rows[1]) == ["ours", "1", "90,000", "89,000", "10.0", "yes", "270.0 +/- 20.0", "260.0", "5.0",
+                                  "2", "0", "1"]
+    args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"),
+                             "ours_from": str(results), "threads": 1})()
+    assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("sac", 1), ("ours", 2), ("sac", 2)]
+    results.write_text(json.dumps({"defaults__seed1": confirmation_record(1, target=200.0)}))
+    with pytest.raises(SACError, match="target of 200"):
+        confirmation_rows(results)
+    with pytest.raises(SACError, match="does not exist"):
+        confirmation_rows(tmp_path / "missing.json")
+
+
 def row(algo: str, seed: int, minutes: float, solved: bool = True, unseen=(250.0, 150.0, -20.0)) -> dict:
     return {"algo": algo, "seed": seed, "steps": 50_000 + seed, "updates": 49_000, "episodes": 120,
             "minutes": minutes, "solved": solved, "cap": 300_000, "checks": [[50_000, 230.0, 40.0]],
-            "unseen": list(unseen), "commit": "abc1234", "command": "python train.py"}
+            "unseen": list(unseen), "crashes": seed, "commit": "abc1234", "command": "python train.py"}
 
 
 def test_the_table_and_summary_give_medians_and_ratios_to_ours():
     rows = [row("ours", 1, 10.0), row("ours", 2, 30.0), row("ours", 3, 20.0, solved=False),
             row("sac", 1, 50.0), row("sac", 2, 30.0, unseen=(300.0, 300.0, 300.0))]
-    assert row_cells(rows[2]) == ["ours", "3", "50,003", "49,000", "120", "20.0", "no (cap 300,000)",
-                                  "230.0 +/- 40.0", "126.7", "111.5", "1", "1"]
+    assert row_cells(rows[2]) == ["ours", "3", "50,003", "49,000", "20.0", "no (cap 300,000)",
+                                  "230.0 +/- 40.0", "126.7", "111.5", "1", "1", "3"]
     lines = summary(rows)
-    assert lines[2] == "| ours | 3 | 2 | 20.0 | 1.00 | 50,002 | 126.7 | 1 | 1 |"
-    assert lines[3] == "| sac | 2 | 2 | 40.0 | 2.00 | 50,002 | 213.3 | 2 | 0.5 |"  # median of 30 and 50, over 20
+    assert lines[2] == "| ours | 3 | 2 | 20.0 | 1.00 | 50,002 | 126.7 | 1 | 1 | 2 |"
+    assert lines[3] == "| sac | 2 | 2 | 40.0 | 2.00 | 50,002 | 213.3 | 2 | 0.5 | 1.5 |"  # median of 30, 50 over 20
     text = page({f"{r['algo']}/{r['seed']}": r for r in reversed(rows)}, ["# head", ""])
     table = [line for line in text.splitlines() if line.startswith("| ours |") or line.startswith("| sac |")]
     assert [line.split(" | ")[1] for line in table[:5]] == ["1", "2", "3", "1", "2"]  # ordered by algorithm, seed
@@ -232,5 +293,5 @@ def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "1 finished run(s)" in out and "0 to run" in out and "start" not in out
     assert "| sac | 1 | 50,001 |" in output.read_text() and not (tmp_path / "w").exists()
-    args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w")})()
+    args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w"), "ours_from": None})()
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
