@@ -1289,7 +1289,8 @@ class SACAgent:
             "action_low": self.action_low.tolist(),
             "action_high": self.action_high.tolist(),
             "config": dataclasses.asdict(self.config),
-            "git_commit": code_version(),
+            # A loaded agent saved again (an export without its replay buffer) keeps the commit that trained it.
+            "git_commit": self.trained_at_commit or code_version(),
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "gymnasium": gym.__version__, "numpy": np.__version__},
         }

@@ -1,4 +1,5 @@
-"""Where one whole `train.py` process spends its time: python benchmarks/time_budget.py [--threads 2].
+"""Where one whole `train.py` process spends its time: python benchmarks/time_budget.py [--threads 2]
+[--default-run --seed N].
 
 Two measurements, printed as one Markdown table:
 1. Python start to imports done: a fresh `python -c "import train"` process, timed from its start to a
@@ -10,6 +11,8 @@ Two measurements, printed as one Markdown table:
    as inductor's cache is), replay sampling and the gradient steps of the other rounds, metric logging,
    episode ends, checkpoints, evaluation. "Other" is what no wrapper covers: flag parsing, seeding and
    the loop's own Python.
+   With `--default-run`, the run is instead the default run a user starts, `train.py --seed N`, at its real
+   length (until its check passes), with its 10-episode evaluations and 100-episode checks timed apart.
 
 A phase's seconds exclude the phases timed inside it (an update round's replay sampling is counted as
 sampling, not as the round); evaluation and the first update round keep everything inside them. The
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402  (the repository root has to be on the path first)
 from bench_sac import markdown_table  # noqa: E402
 from lab.provenance import cpu_name  # noqa: E402
-from sac_model import SACAgent  # noqa: E402
+from sac_model import CHECKPOINTS_DIR, SACAgent, TrainingState, read_checkpoint  # noqa: E402
 
 START_STEPS = 1_000  # random actions and no updates before this step, as bench_sac.py's whole-process run
 UPDATE_EVERY = 50
@@ -55,7 +58,9 @@ STORING = "storing transitions: normalize_action, n-step collector, replay add"
 FIRST_ROUND = "first update round: torch.compile + its gradient steps"
 LATER_ROUNDS = "later update rounds: gradient steps"
 SAMPLING = "replay sampling (the round's batches)"
-EVALUATION = "evaluation"
+EVALUATIONS = "10-episode evaluations (every 10 episodes)"
+CHECKS = "100-episode checks (when an evaluation reaches the target)"
+RUN_NAME = "time_budget"
 
 
 @dataclass
@@ -172,11 +177,20 @@ def import_breakdown() -> dict[str, float]:
 # train.main, timed phase by phase
 # --------------------------------------------------------------------------------------------
 
-def train_argv(total_steps: int, threads: int) -> list[str]:
-    """The whole-process run of bench_sac.py (table 4), with a fixed run name."""
-    return ["--total-steps", str(total_steps), "--start-steps", str(START_STEPS), "--update-after", str(START_STEPS),
-            "--update-every", str(UPDATE_EVERY), "--target-return", "none", "--eval-every", "0",
-            "--threads", str(threads), "--run-name", "time_budget"]
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The run to time, with a fixed run name: the default run of one seed, or bench_sac.py's whole-process run
+    (table 4)."""
+    if args.default_run:
+        return ["--seed", str(args.seed), "--threads", str(args.threads), "--run-name", RUN_NAME]
+    return ["--total-steps", str(args.total_steps), "--start-steps", str(START_STEPS), "--update-after",
+            str(START_STEPS), "--update-every", str(UPDATE_EVERY), "--target-return", "none", "--eval-every", "0",
+            "--threads", str(args.threads), "--run-name", RUN_NAME]
+
+
+def run_counts(workdir: Path) -> TrainingState:
+    """The finished run's counters (env steps, gradient steps, evaluations, checks), from its final checkpoint."""
+    path = workdir / CHECKPOINTS_DIR / RUN_NAME / "final.pt"
+    return TrainingState.of(read_checkpoint(path), path)
 
 
 def timed_phases(clock: PhaseClock) -> ExitStack:
@@ -224,7 +238,7 @@ def timed_phases(clock: PhaseClock) -> ExitStack:
     for name, phase in (("claim_run", SETUP), ("open_event_log", SETUP),
                         ("log_update_metrics", "metric logging (one host sync per round)"),
                         ("finish_episode", "episode ends: logs, LR schedule"), ("save_checkpoint", "checkpoints"),
-                        ("evaluate_policy", EVALUATION)):
+                        ("evaluate_and_log", EVALUATIONS), ("check_target", CHECKS)):
         replacements[name] = clock.wrap(phase, getattr(train, name), unit="" if phase == SETUP else "call")
     for name, replacement in replacements.items():
         stack.enter_context(mock.patch.object(train, name, replacement))
@@ -237,7 +251,7 @@ def timed_phases(clock: PhaseClock) -> ExitStack:
 
 def run_train(argv: list[str], workdir: Path) -> tuple[PhaseClock, float]:
     """train.main(argv) run in `workdir` with its phases timed; the clock and the seconds main took."""
-    clock = PhaseClock(opaque=(FIRST_ROUND, EVALUATION))
+    clock = PhaseClock(opaque=(FIRST_ROUND, EVALUATIONS, CHECKS))
     here = Path.cwd()
     os.chdir(workdir)
     try:
@@ -265,7 +279,7 @@ def per_unit(seconds: float, units: int, unit: str) -> str:
 
 
 def report(args: argparse.Namespace, imports: float, breakdown: dict[str, float], clock: PhaseClock,
-           main_seconds: float) -> str:
+           main_seconds: float, counts: TrainingState) -> str:
     """The Markdown page: what was run, then phase | seconds | share | per env step or update."""
     total = imports + main_seconds
     rows = [["python start -> `import train` done (fresh process)", f"{imports:.2f}", f"{imports / total:.1%}", ""]]
@@ -277,15 +291,17 @@ def report(args: argparse.Namespace, imports: float, breakdown: dict[str, float]
              for name, phase in phases]
     other = main_seconds - sum(phase.seconds for phase in clock.phases.values())
     rows.append(["other: flags, seeding, the loop's own Python", f"{other:.2f}",
-                 f"{other / total:.1%}", per_unit(other, args.total_steps, "env step")])
+                 f"{other / total:.1%}", per_unit(other, counts.global_step, "env step")])
     rows.append(["**whole process (imports + train.main)**", f"**{total:.2f}**", "100%", ""])
     lines = [
         "# Time budget of one train.py process",
         "",
         f"- CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); python {sys.version.split()[0]}, "
         f"torch {torch.__version__}, numpy {np.__version__}",
-        f"- `train.py {' '.join(train_argv(args.total_steps, args.threads)[:-2])}`, run in this process with its "
+        f"- `train.py {' '.join(train_argv(args)[:-2])}`, run in this process with its "
         f"phases timed (inductor's cache as it was: warm after any earlier run on this machine)",
+        f"- the run: {counts.global_step:,} env steps, {counts.updates:,} gradient steps, {counts.episode:,} episodes, "
+        f"{len(counts.eval_history)} evaluations, {len(counts.target_checks)} checks",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}; one run (repeat it to see the spread; run it on an otherwise idle machine)",
         "",
         markdown_table(["phase", "seconds", "share", "per env step or update"], rows),
@@ -304,6 +320,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="train.py's --threads (default: 2)")
     parser.add_argument("--total-steps", type=int, default=6_000,
                         help=f"env steps of the run; updates begin at {START_STEPS:,} (default: 6000)")
+    parser.add_argument("--default-run", action="store_true",
+                        help="time the default run of --seed at its real length instead (`train.py --seed N`)")
+    parser.add_argument("--seed", type=int, default=52, help="the default run's seed (default: 52)")
+    parser.add_argument("--save-agent", type=Path, default=None,
+                        help="also keep the run's final agent (without its replay buffer) in this file")
     parser.add_argument("--output", type=Path, default=None, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.total_steps <= START_STEPS:
@@ -315,8 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     imports, breakdown = import_seconds(), import_breakdown()
     with tempfile.TemporaryDirectory(prefix="time_budget_") as workdir:
-        clock, main_seconds = run_train(train_argv(args.total_steps, args.threads), Path(workdir))
-    page = report(args, imports, breakdown, clock, main_seconds)
+        clock, main_seconds = run_train(train_argv(args), Path(workdir))
+        counts = run_counts(Path(workdir))
+        if args.save_agent is not None:
+            SACAgent.load(Path(workdir) / CHECKPOINTS_DIR / RUN_NAME / "final.pt").save(args.save_agent)
+    page = report(args, imports, breakdown, clock, main_seconds, counts)
     print(page)
     if args.output is not None:
         args.output.write_text(page + "\n")

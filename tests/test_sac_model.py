@@ -1113,6 +1113,15 @@ def test_checkpoint_metadata_and_weights_only_loading(tmp_path):
     assert checkpoint["metadata"] == meta
 
 
+def test_an_agent_saved_again_keeps_the_commit_that_trained_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sac_model, "code_version", lambda: "1111111")
+    path = pendulum_agent().save(tmp_path / "trained.pt")
+    monkeypatch.setattr(sac_model, "code_version", lambda: "2222222")  # exported later, from newer code
+    exported = SACAgent.load(path).save(tmp_path / "exported.pt")
+    assert read_checkpoint(exported)["metadata"]["git_commit"] == "1111111"
+    assert read_checkpoint(pendulum_agent().save(tmp_path / "new.pt"))["metadata"]["git_commit"] == "2222222"
+
+
 # ============================================================================================
 # 11-12. Fused critics
 # ============================================================================================
