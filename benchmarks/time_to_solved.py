@@ -429,7 +429,11 @@ class Study:
         return [(a, s) for s in seeds for a in algos if row_key(a, s) not in self.rows]
 
     def save(self) -> list[Path]:
+        """Write the page and its sidecar, keeping rows another study process wrote meanwhile (one process per
+        algorithm, say, each one run at a time)."""
         self.page_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.results_path.is_file():
+            self.rows = {**json.loads(self.results_path.read_text())["rows"], **self.rows}
         self.results_path.write_text(json.dumps({"rows": self.rows}, indent=1))
         self.page_path.write_text(page(self.rows, header(self.args, self.command)))
         return [self.page_path, self.results_path]

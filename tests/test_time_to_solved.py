@@ -295,3 +295,15 @@ def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
     assert "| sac | 1 | 50,001 |" in output.read_text() and not (tmp_path / "w").exists()
     args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w"), "ours_from": None})()
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
+
+
+def test_two_study_processes_keep_each_others_rows(tmp_path: Path):
+    args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
+                             "threads": 1, "parallel": 1})()
+    tqc_study, sac_study = Study(args, "cmd"), Study(args, "cmd")  # both started before either finished a run
+    tqc_study.rows["tqc/1"] = row("tqc", 1, 5.0)
+    tqc_study.save()
+    sac_study.rows["sac/1"] = row("sac", 1, 9.0)
+    sac_study.save()
+    assert set(json.loads((tmp_path / "h2h.json").read_text())["rows"]) == {"tqc/1", "sac/1"}
+    assert "| tqc | 1 |" in (tmp_path / "h2h.md").read_text()
