@@ -273,6 +273,8 @@ def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[]
             returns = evaluate_policy(SB3Actor(self.model), self.eval_env, self.config.eval_episodes,
                                       self.config.seed + EVAL_SEED_OFFSET)
             self.evaluations.append([self.num_timesteps, float(np.mean(returns)), float(np.std(returns))])
+            print(f"{time.strftime('%H:%M:%S')} env step {self.num_timesteps:,}, episode {self.episodes}: "
+                  f"evaluation {np.mean(returns):.1f}", flush=True)
 
         def check(self) -> None:
             """train.py's check_target: episodes no earlier check played."""
@@ -280,6 +282,11 @@ def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[]
             self.check_seeds.append(first_seed)
             returns = evaluate_policy(SB3Actor(self.model), self.eval_env, self.config.target_episodes, first_seed)
             self.checks.append([self.num_timesteps, float(np.mean(returns)), float(np.std(returns))])
+            lower = check_lower_bound(float(np.mean(returns)), float(np.std(returns)), self.config.target_episodes,
+                                      self.config.target_std_errors)
+            print(f"{time.strftime('%H:%M:%S')} env step {self.num_timesteps:,}: {len(returns)}-episode check "
+                  f"{np.mean(returns):.1f}, lower bound {lower:.1f}: {'solved' if self.solved else 'not solved'}",
+                  flush=True)
 
         def close_unsolved(self) -> None:
             """What train.py does when its budget is spent: the final agent is evaluated, and checked for the
