@@ -586,33 +586,61 @@ def row_cells(record: dict) -> list[str]:
             str(int((unseen >= 200).sum())), str(int((unseen < 0).sum())), str(record["crashes"])]
 
 
+def seed_list(seeds: list[int]) -> str:
+    return ", ".join(str(seed) for seed in sorted(seeds))
+
+
 def summary(rows: list[dict]) -> list[str]:
-    """Per algorithm: solved count, median wall time (an unsolved run counts with its time to the cap) and its
-    ratio to ours, median env steps, and the final agents' quality beside it."""
+    """Per algorithm: solved count, median wall time (an unsolved run counts with its time to the cap), ours'
+    median on the same seeds and the ratio of the two, median env steps, and the final agents' quality."""
     algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
-    ours = float(np.median([r["minutes"] for r in by_algo[OURS]])) if OURS in by_algo else None
-    lines = ["| algorithm | runs | solved | median wall time (min) | x ours | median env steps | "
-             "unseen mean: median | unseen >= 200: median | unseen < 0: median | crashes: median |",
-             "| --- " * 10 + "|"]
+    ours = {r["seed"]: r["minutes"] for r in by_algo.get(OURS, [])}
+    lines = ["| algorithm | seeds | solved | median wall time (min) | ours on these seeds (min) | x ours | "
+             "median env steps | unseen mean: median | unseen >= 200: median | unseen < 0: median | "
+             "crashes: median |", "| --- " * 11 + "|"]
     for algo, group in by_algo.items():
         minutes = float(np.median([r["minutes"] for r in group]))
         unseen = [np.asarray(r["unseen"]) for r in group]
-        ratio = f"{minutes / ours:.2f}" if ours else "n/a"
-        lines.append(f"| {algo} | {len(group)} | {sum(r['solved'] for r in group)} | {minutes:.1f} | {ratio} | "
-                     f"{np.median([r['steps'] for r in group]):,.0f} | {np.median([u.mean() for u in unseen]):.1f} | "
+        paired = [ours[r["seed"]] for r in group if r["seed"] in ours]
+        if len(paired) == len(group):
+            ours_minutes = float(np.median(paired))
+            same_seeds = f"{ours_minutes:.1f} | {minutes / ours_minutes:.2f}"
+        else:
+            same_seeds = "n/a | n/a"  # a ratio to ours only where ours ran every one of these seeds
+        lines.append(f"| {algo} | {seed_list([r['seed'] for r in group])} | {sum(r['solved'] for r in group)} | "
+                     f"{minutes:.1f} | {same_seeds} | {np.median([r['steps'] for r in group]):,.0f} | "
+                     f"{np.median([u.mean() for u in unseen]):.1f} | "
                      f"{np.median([(u >= 200).sum() for u in unseen]):g} | "
                      f"{np.median([(u < 0).sum() for u in unseen]):g} | "
                      f"{np.median([r['crashes'] for r in group]):g} |")
     return lines
 
 
+def side_by_side(rows: list[dict]) -> list[str]:
+    """Wall time (min) and env steps per seed, one column per algorithm, on the seeds a peer ran: the
+    comparison seed by seed; an unsolved run is marked."""
+    algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
+    cell = {(r["algo"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["algo"] != OURS})
+    lines = ["| seed | " + " | ".join(f"{a}: min (env steps)" for a in algos) + " |", "| --- " * (len(algos) + 1) + "|"]
+    for seed in seeds:
+        cells = []
+        for algo in algos:
+            record = cell.get((algo, seed))
+            cells.append("" if record is None else f"{record['minutes']:.1f} ({record['steps'] / 1000:.0f}k"
+                         f"{'' if record['solved'] else ', unsolved'})")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def header(args: argparse.Namespace, command: str) -> list[str]:
     versions = ", ".join(f"{name} {package_version(name)}"
                          for name in ("torch", "stable-baselines3", "sb3-contrib", "rl_zoo3", "gymnasium"))
-    return ["# Time to solved: ours against SB3's zoo-tuned SAC, TQC and CrossQ", "",
-            f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} torch thread(s) a run, {args.parallel} runs "
-            f"at a time; {versions}; git commit {git_commit()}.", "", f"Command: `{command}`", ""]
+    return ["# Time to a landed lander: ours against SB3's zoo-tuned SAC, TQC and CrossQ", "",
+            f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} torch thread(s) a run, {args.parallel} run(s) "
+            f"at a time in the study process that wrote this page last; {versions}; git commit {git_commit()}.", "",
+            f"Command (the last): `{command}`", ""]
 
 
 def page(rows: dict[str, dict], head: list[str]) -> str:
@@ -621,6 +649,8 @@ def page(rows: dict[str, dict], head: list[str]) -> str:
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in ordered]
     if ordered:
         lines += ["", *summary(ordered)]
+    if any(r["algo"] != OURS for r in ordered):
+        lines += ["", "Seed by seed:", "", *side_by_side(ordered)]
     commits = sorted({r["commit"] for r in ordered} - {git_commit(), None})
     sources = sorted({r["source"] for r in ordered if r.get("source")})
     target = f"{target_return(SACConfig()):g}"

@@ -20,7 +20,7 @@ from stable_baselines3 import SAC  # noqa: E402
 import benchmarks.time_to_solved as time_to_solved  # noqa: E402
 from benchmarks.time_to_solved import (  # noqa: E402
     ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, main, make_check_callback,
-    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, summary,
+    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, side_by_side, summary,
     train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
 from sac_model import (  # noqa: E402
@@ -273,13 +273,17 @@ def row(algo: str, seed: int, minutes: float, solved: bool = True, unseen=(250.0
 
 
 def test_the_table_and_summary_give_medians_and_ratios_to_ours():
-    rows = [row("ours", 1, 10.0), row("ours", 2, 30.0), row("ours", 3, 20.0, solved=False),
-            row("sac", 1, 50.0), row("sac", 2, 30.0, unseen=(300.0, 300.0, 300.0))]
-    assert row_cells(rows[2]) == ["ours", "3", "50,003", "49,000", "20.0", "no (cap 300,000)",
+    rows = [row("ours", 1, 10.0), row("ours", 2, 30.0), row("ours", 3, 50.0, solved=False),
+            row("sac", 1, 50.0), row("sac", 2, 30.0, unseen=(300.0, 300.0, 300.0)), row("tqc", 4, 12.0)]
+    assert row_cells(rows[2]) == ["ours", "3", "50,003", "49,000", "50.0", "no (cap 300,000)",
                                   "230.0 +/- 40.0", "126.7", "111.5", "1", "1", "3"]
     lines = summary(rows)
-    assert lines[2] == "| ours | 3 | 2 | 20.0 | 1.00 | 50,002 | 126.7 | 1 | 1 | 2 |"
-    assert lines[3] == "| sac | 2 | 2 | 40.0 | 2.00 | 50,002 | 213.3 | 2 | 0.5 | 1.5 |"  # median of 30, 50 over 20
+    assert lines[2] == "| ours | 1, 2, 3 | 2 | 30.0 | 30.0 | 1.00 | 50,002 | 126.7 | 1 | 1 | 2 |"
+    # sac against ours on its own seeds 1 and 2: median 40 over median 20 (ours on all three seeds: 30)
+    assert lines[3] == "| sac | 1, 2 | 2 | 40.0 | 20.0 | 2.00 | 50,002 | 213.3 | 2 | 0.5 | 1.5 |"
+    assert lines[4] == "| tqc | 4 | 1 | 12.0 | n/a | n/a | 50,004 | 126.7 | 1 | 1 | 4 |"  # no run of ours on seed 4
+    assert side_by_side(rows)[2:] == ["| 1 | 10.0 (50k) | 50.0 (50k) |  |", "| 2 | 30.0 (50k) | 30.0 (50k) |  |",
+                                      "| 4 |  |  | 12.0 (50k) |"]
     text = page({f"{r['algo']}/{r['seed']}": r for r in reversed(rows)}, ["# head", ""])
     table = [line for line in text.splitlines() if line.startswith("| ours |") or line.startswith("| sac |")]
     assert [line.split(" | ")[1] for line in table[:5]] == ["1", "2", "3", "1", "2"]  # ordered by algorithm, seed
