@@ -666,7 +666,7 @@ def page(rows: dict[str, dict], head: list[str]) -> str:
               "without a schedule), and is stopped by the check or the cap. "
               "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
     if commits:
-        lines += ["", f"Rows of earlier sessions ran at commit(s) {', '.join(commits)}."]
+        lines += ["", f"Other rows ran at commit(s) {', '.join(commits)}."]
     if sources:
         lines += ["", f"Our rows come from the default run's confirmation on this CPU, {', '.join(sources)} (two runs "
                   "at a time, one thread each; its page names the commits), and are not run again here. Their wall "

@@ -36,6 +36,7 @@ class OneStepEnv(gym.Env):
     seeds `check_mean` + or - `check_std` by the seed's parity (so 100 consecutive seeds have exactly that
     mean and population std); 0 in training. Records every reset seed."""
 
+    metadata = {"render_modes": ["rgb_array"]}  # gymnasium warns when a mode it is asked for is not listed
     observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
