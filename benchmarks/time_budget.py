@@ -187,10 +187,13 @@ def train_argv(args: argparse.Namespace) -> list[str]:
             "--threads", str(args.threads), "--run-name", RUN_NAME]
 
 
+def final_checkpoint(workdir: Path) -> Path:
+    return workdir / CHECKPOINTS_DIR / RUN_NAME / "final.pt"
+
+
 def run_counts(workdir: Path) -> TrainingState:
     """The finished run's counters (env steps, gradient steps, evaluations, checks), from its final checkpoint."""
-    path = workdir / CHECKPOINTS_DIR / RUN_NAME / "final.pt"
-    return TrainingState.of(read_checkpoint(path), path)
+    return TrainingState.of(read_checkpoint(final_checkpoint(workdir)), final_checkpoint(workdir))
 
 
 def timed_phases(clock: PhaseClock) -> ExitStack:
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         clock, main_seconds = run_train(train_argv(args), Path(workdir))
         counts = run_counts(Path(workdir))
         if args.save_agent is not None:
-            SACAgent.load(Path(workdir) / CHECKPOINTS_DIR / RUN_NAME / "final.pt").save(args.save_agent)
+            SACAgent.load(final_checkpoint(Path(workdir))).save(args.save_agent)
     page = report(args, imports, breakdown, clock, main_seconds, counts)
     print(page)
     if args.output is not None:
