@@ -14,8 +14,8 @@ at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1
 
 Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
 skips the (algorithm, seed) pairs the sidecar holds. An interrupted peer resumes from its last resume point (saved
-every SAVE_EVERY env steps, at an episode's end: model, optimizers and replay buffer), its wall time summed over
-its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from the default run's
+at the first episode end after every SAVE_EVERY_S seconds of training: model, optimizers and replay buffer), its
+wall time summed over its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from the default run's
 confirmation on the same CPU (`lab.confirm`'s results file) instead of training ours again.
 """
 from __future__ import annotations
@@ -60,8 +60,9 @@ ALGOS = (OURS, *PEERS)
 DEFAULT_CAP = 300_000
 UNSEEN_SEED, UNSEEN_EPISODES = 1000, 100
 RUN_PREFIX = "h2h"  # ours: runs/h2h_ours__seedN and checkpoints/h2h_ours__seedN under the repository root
-# A peer's resume point every this many env steps: a run killed with its session redoes at most this much work.
-SAVE_EVERY = 25_000
+# A peer's resume point after every this many seconds: a run killed with its session redoes at most about this much
+# work, whatever its cost per env step (CrossQ's is 4x SAC's). A save takes about a second.
+SAVE_EVERY_S = 600.0
 
 
 class ZooError(SACError):
@@ -225,9 +226,10 @@ def solved(checks: list, config: SACConfig) -> bool:
 
 
 def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[], None] | None = None,
-                        save_every: int = SAVE_EVERY):
+                        save_every_s: float = SAVE_EVERY_S):
     """The SB3 callback that runs train.py's check on the model it trains, and stops `learn` when solved or at
-    `cap` env steps; `save`, when given, writes a resume point at the first episode end every `save_every` steps."""
+    `cap` env steps; `save`, when given, writes a resume point at the first episode end after every `save_every_s`
+    seconds."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     class SolvedCheck(BaseCallback):
@@ -238,16 +240,16 @@ def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[]
             self.evaluations: list[list[float]] = []  # [env step, mean, std], as train.py's eval_history
             self.checks: list[list[float]] = []  # [env step, mean, std], as train.py's target_checks
             self.check_seeds: list[int] = []
-            self.saved_at = 0
+            self.saved_at = time.monotonic()
 
         def state(self) -> dict:
             """What a resumed run needs to go on judging as this one would have."""
             return {"episodes": self.episodes, "evaluations": self.evaluations, "checks": self.checks,
                     "check_seeds": self.check_seeds}
 
-        def restore(self, state: dict, step: int) -> None:
+        def restore(self, state: dict) -> None:
             self.episodes, self.evaluations = state["episodes"], state["evaluations"]
-            self.checks, self.check_seeds, self.saved_at = state["checks"], state["check_seeds"], step
+            self.checks, self.check_seeds = state["checks"], state["check_seeds"]
 
         @property
         def solved(self) -> bool:
@@ -264,9 +266,9 @@ def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[]
                             self.check()
                             if self.solved:
                                 return False
-                    if save is not None and self.num_timesteps - self.saved_at >= save_every:
+                    if save is not None and time.monotonic() - self.saved_at >= save_every_s:
                         save()
-                        self.saved_at = self.num_timesteps
+                        self.saved_at = time.monotonic()
             return self.num_timesteps < self.cap
 
         def evaluate(self) -> None:
@@ -334,7 +336,7 @@ def last_resume_point(out_dir: Path) -> tuple[Path, dict] | None:
 
 
 def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, started: float,
-               env_id: str = ENV_ID, overrides: dict | None = None, save_every: int = SAVE_EVERY) -> dict:
+               env_id: str = ENV_ID, overrides: dict | None = None, save_every_s: float = SAVE_EVERY_S) -> dict:
     """The worker: train the zoo's model for `algo` (with `overrides`, for tests) until solved or `cap`, resuming
     an interrupted run; save the model and return its record. `started`: when the study started this process
     (time.time()), where its wall time starts."""
@@ -357,7 +359,7 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, star
     def save() -> None:
         save_resume_point(model, callback, out_dir, minutes(), segments)
 
-    callback = make_check_callback(eval_env, check_config(seed, env_id), cap, save, save_every)
+    callback = make_check_callback(eval_env, check_config(seed, env_id), cap, save, save_every_s)
     if resume:
         folder, state = resume
         # A fresh episode from a new env seed: the interrupted one's transitions up to the save are in the buffer.
@@ -365,7 +367,7 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, star
         model = peer_class(algo).load(folder / "model.zip", env=env, device="cpu")
         model.load_replay_buffer(folder / "replay_buffer.pkl")
         model.set_random_seed(seed + state["steps"])
-        callback.restore(state, state["steps"])
+        callback.restore(state)
         print(f"resuming {algo} seed {seed} at env step {state['steps']:,} ({earlier_minutes:.1f} min before)",
               flush=True)
         # learn() adds the steps taken to total_timesteps: the schedules keep their clock.

@@ -226,13 +226,13 @@ def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, 
 
     monkeypatch.setattr(time_to_solved, "save_resume_point", save_then_die_at_step_20)
     with pytest.raises(Killed):  # started a minute ago: its wall time so far is over a minute
-        train_peer("sac", SEED, 1, 40, tmp_path, time.time() - 60, TINY_ID, TINY_SAC, save_every=10)
+        train_peer("sac", SEED, 1, 40, tmp_path, time.time() - 60, TINY_ID, TINY_SAC, save_every_s=0)
     monkeypatch.undo()
     state = json.loads((tmp_path / "resume" / "state.json").read_text())
     assert (state["steps"], state["episodes"], state["segments"]) == (20, 20, 1) and 1 < state["minutes"] < 2
     assert [e[0] for e in state["evaluations"]] == [10, 20] and not (tmp_path / "record.json").exists()
 
-    record = train_peer("sac", SEED, 1, 40, tmp_path, time.time(), TINY_ID, TINY_SAC, save_every=10)
+    record = train_peer("sac", SEED, 1, 40, tmp_path, time.time(), TINY_ID, TINY_SAC, save_every_s=0)
     assert (record["steps"], record["episodes"], record["segments"]) == (40, 40, 2)
     assert state["minutes"] <= record["minutes"] < state["minutes"] + 1  # the earlier process's minute counts
     assert [e[0] for e in record["evaluations"]] == [10, 20, 30, 40] and not record["solved"]
