@@ -15,8 +15,8 @@ at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1
 Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
 skips the (algorithm, seed) pairs the sidecar holds. An interrupted peer resumes from its last resume point (saved
 at the first episode end after every SAVE_EVERY_S seconds of training: model, optimizers and replay buffer), its
-wall time summed over its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from the default run's
-confirmation on the same CPU (`lab.confirm`'s results file) instead of training ours again.
+wall time summed over its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from
+the default run's confirmation on the same CPU (`lab.confirm`'s results file) instead of training ours again.
 """
 from __future__ import annotations
 
