@@ -737,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         time_to_solved(build_parser().parse_args(argv), argv)
     except SACError as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; the same command runs the unfinished runs again: a peer from its last resume point, "
+             "ours from the start", code=130)
     return 0
 
 

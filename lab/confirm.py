@@ -238,9 +238,28 @@ def commit(paths: list[Path], message: str) -> None:
 
 
 def run(study: Study, seeds: list[int]) -> None:
-    """Run the unfinished seeds, `--concurrent` at a time, reporting each as it finishes."""
-    waiting = [s for s in seeds if not study.finished(s)]
+    """Run the unfinished seeds, `--concurrent` at a time, reporting each as it finishes. Ctrl-C reaches the
+    runs too: each stops at the end of its episode with a checkpoint, which the same command resumes from."""
     running: dict[int, subprocess.Popen] = {}
+    try:
+        run_seeds(study, seeds, running)
+    except KeyboardInterrupt:
+        for process in running.values():
+            wait_for_checkpoint(process)
+        raise
+
+
+def wait_for_checkpoint(process: subprocess.Popen) -> None:
+    """Wait for an interrupted train.py to write its checkpoint; a second Ctrl-C is not waited for."""
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+
+
+def run_seeds(study: Study, seeds: list[int], running: dict[int, subprocess.Popen]) -> None:
+    """The loop of `run`; `running` holds the processes in flight, for `run` to wait for when interrupted."""
+    waiting = [s for s in seeds if not study.finished(s)]
     unsolved = sum(solved_at(study.record(s)) is None for s in seeds if study.finished(s))
     while waiting or running:
         limit = study.args.stop_after_unsolved
@@ -276,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {', '.join(str(p) for p in write_report(study, seeds))}")
     except SACError as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; the runs in flight stopped at a checkpoint: the same command resumes them", code=130)
     return 0
 
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,15 @@ from sac_model import SACError, read_checkpoint  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 TINY = ("--env Pendulum-v1 --hidden-size 32 --batch-size 32 --buffer-size 2000 --start-steps 100 --update-after 100 "
         "--no-compile --eval-every 1 --eval-episodes 1 --target-episodes 2 --total-steps 400")
+ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+
+
+def confirm_command(cwd: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lab.confirm", "--docs-dir", str(cwd / "docs"), "--unseen-episodes", "3", *args]
 
 
 def confirm(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lab.confirm", "--docs-dir", str(cwd / "docs"),
-                           "--unseen-episodes", "3", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(confirm_command(cwd, *args), cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
 
 
 def test_parse_seeds_accepts_ranges_and_lists_and_refuses_the_rest():
@@ -51,7 +57,7 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     run_dir = tmp_path / "studies" / "pilot" / "runs" / "defaults__seed3"
     diagnosis = subprocess.run([sys.executable, "-m", "lab.diagnose", str(run_dir), "--window", "1000",
                                 "--crash-below", "-5000", "--png", str(tmp_path / "d.png")], cwd=tmp_path,
-                               capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                               capture_output=True, text=True, env=ENV)
     assert diagnosis.returncode == 0, diagnosis.stderr
     row = next(line for line in diagnosis.stdout.splitlines() if line.startswith("| 0-1k |")).split(" | ")
     assert row[1:4] == ["1", row[2], "1"] and row[4] == "100%" and row[5] == "0"
@@ -86,3 +92,29 @@ def test_an_ablation_configuration_runs_with_its_flags_under_its_own_label(tmp_p
     assert "| 5 | 200 |" in page
     refused = confirm(tmp_path, "--name", "ablation", "--seeds", "5", "--config", "no_such_thing")
     assert refused.returncode == 2 and "invalid choice" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_ctrl_c_stops_the_runs_at_a_checkpoint_in_one_line_and_the_same_command_resumes_them(tmp_path: Path):
+    # Ctrl-C in a terminal reaches the whole process group: the study and its train.py runs.
+    args = ("--name", "stopped", "--seeds", "6", "--train-args",
+            f"{TINY} --eval-every 1000 --target-return 0 --total-steps 3000")
+    study = subprocess.Popen(confirm_command(tmp_path, *args), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    log = tmp_path / "studies" / "stopped" / "defaults__seed6.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "Ctrl-C" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the first episodes, well before the 3,000-step budget
+    os.killpg(study.pid, signal.SIGINT)
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 130 and stderr.count("\n") == 1, stderr
+    assert "interrupted" in stderr and "the same command resumes them" in stderr
+    saved = list((tmp_path / "studies" / "stopped" / "checkpoints" / "defaults__seed6").glob("step_*.pt"))
+    assert len(saved) == 1 and 0 < read_checkpoint(saved[0])["training"]["global_step"] < 3000
+
+    again = confirm(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert "--resume defaults__seed6" in again.stdout
+    record = json.loads((tmp_path / "docs" / "stopped.json").read_text())["defaults__seed6"]
+    assert record["steps"] == 3000 and len(record["segments"]) == 2
+    assert "| 6 | not solved (3,000) |" in (tmp_path / "docs" / "stopped.md").read_text()

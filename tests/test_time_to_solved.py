@@ -302,6 +302,21 @@ def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
 
 
+def test_ctrl_c_ends_the_study_with_one_line_that_says_how_to_resume(tmp_path: Path, monkeypatch, capsys):
+    def interrupted(study, pairs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time_to_solved, "run", interrupted)
+    try:
+        main(["--algos", "sac", "--seeds", "1", "--output", str(tmp_path / "h2h.md"), "--work-dir", str(tmp_path)])
+    except SystemExit as stop:
+        code = stop.code
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended the study with a traceback")
+    stderr = capsys.readouterr().err
+    assert code == 130 and stderr.count("\n") == 1 and "the same command runs the unfinished runs again" in stderr
+
+
 def test_two_study_processes_keep_each_others_rows(tmp_path: Path):
     args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
                              "threads": 1, "parallel": 1})()
