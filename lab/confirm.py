@@ -240,9 +240,29 @@ def commit(paths: list[Path], message: str) -> None:
 def run(study: Study, seeds: list[int]) -> None:
     """Run the unfinished seeds, `--concurrent` at a time, reporting each as it finishes. Ctrl-C reaches the
     runs too: each stops at the end of its episode with a checkpoint, which the same command resumes from."""
+    waiting = [s for s in seeds if not study.finished(s)]
     running: dict[int, subprocess.Popen] = {}
+    unsolved = sum(solved_at(study.record(s)) is None for s in seeds if study.finished(s))
     try:
-        run_seeds(study, seeds, running)
+        while waiting or running:
+            limit = study.args.stop_after_unsolved
+            while waiting and len(running) < study.args.concurrent and not (limit and unsolved >= limit):
+                seed = waiting.pop(0)
+                running[seed] = study.start(seed)
+            if not running:
+                print(f"stopped: {unsolved} seeds ended unsolved (--stop-after-unsolved {limit})", flush=True)
+                return
+            time.sleep(5)
+            for seed, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[seed]
+                study.finish(seed, process.returncode)
+                record = study.record(seed)
+                unsolved += solved_at(record) is None
+                paths = write_report(study, seeds)
+                if study.args.commit:
+                    commit(paths, f"{study.name}: seed {seed} finished ({' | '.join(row_cells(record))})")
     except KeyboardInterrupt:
         for process in running.values():
             wait_for_checkpoint(process)
@@ -250,36 +270,11 @@ def run(study: Study, seeds: list[int]) -> None:
 
 
 def wait_for_checkpoint(process: subprocess.Popen) -> None:
-    """Wait for an interrupted train.py to write its checkpoint; a second Ctrl-C is not waited for."""
+    """Wait for an interrupted train.py to write its checkpoint; a second Ctrl-C stops waiting for it."""
     try:
         process.wait()
     except KeyboardInterrupt:
         pass
-
-
-def run_seeds(study: Study, seeds: list[int], running: dict[int, subprocess.Popen]) -> None:
-    """The loop of `run`; `running` holds the processes in flight, for `run` to wait for when interrupted."""
-    waiting = [s for s in seeds if not study.finished(s)]
-    unsolved = sum(solved_at(study.record(s)) is None for s in seeds if study.finished(s))
-    while waiting or running:
-        limit = study.args.stop_after_unsolved
-        while waiting and len(running) < study.args.concurrent and not (limit and unsolved >= limit):
-            seed = waiting.pop(0)
-            running[seed] = study.start(seed)
-        if not running:
-            print(f"stopped: {unsolved} seeds ended unsolved (--stop-after-unsolved {limit})", flush=True)
-            return
-        time.sleep(5)
-        for seed, process in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[seed]
-            study.finish(seed, process.returncode)
-            record = study.record(seed)
-            unsolved += solved_at(record) is None
-            paths = write_report(study, seeds)
-            if study.args.commit:
-                commit(paths, f"{study.name}: seed {seed} finished ({' | '.join(row_cells(record))})")
 
 
 def main(argv: list[str] | None = None) -> int:
