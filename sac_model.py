@@ -1,31 +1,26 @@
-"""Soft Actor-Critic for continuous control: config, replay buffers, networks, agent; then checkpoints and run folders.
+"""Soft Actor-Critic for continuous control: config, replay buffers, networks, the agent and its checkpoints.
 
-Everything a test or an experiment wants to call lives here; `train.py` and `visualize.py` are thin
-scripts around it. The algorithm follows Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and
+The algorithm, and nothing else: a test or an experiment calls it directly. `train.py` and `visualize.py` are
+thin scripts around it; what they share that is not the algorithm (run folders, locks, the command line) is
+in `plumbing.py`. The algorithm follows Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and
 Applications": twin critics with target copies, a tanh-squashed Gaussian policy and a learned
 temperature.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import ctypes
 import dataclasses
-import fcntl
 import functools
 import math
 import os
 import platform
 import random
 import re
-import shutil
-import subprocess
-import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
@@ -42,13 +37,42 @@ PRIORITY_EPS = 1e-6
 PRIORITIES = "priorities"
 DEFAULT_TIME_LIMIT = 1000
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
-RUNS_DIR = Path("runs")
-CHECKPOINTS_DIR = Path("checkpoints")
-LOCK_FILE = ".lock"  # in checkpoints/<run>/: held by the process that trains the run
 # Training resets from --seed once; evaluations and target checks use seeds of their own, disjoint from it
-# and from each other (as long as --eval-episodes stays below 1M).
+# and from each other (as long as --eval-episodes stays below 1M): `evaluation_seed`, `check_seed`.
 EVAL_SEED_OFFSET = 1_000_000
 TARGET_SEED_OFFSET = 2_000_000
+
+
+class Tag:
+    """The TensorBoard tags of a run, named once: the gradient step and train.py write them, lab/ and
+    benchmarks/ read them back."""
+
+    EPISODE_RETURN = "charts/episode_return"
+    EPISODE_LENGTH = "charts/episode_length"
+    EPISODE_TIME_LIMIT = "charts/episode_time_limit"  # 1 for an episode the time limit ended
+    STEPS_PER_SECOND = "charts/steps_per_second"
+    EVAL_MEAN = "eval/return_mean"
+    EVAL_STD = "eval/return_std"
+    CHECK_MEAN = "eval/target_check_mean"
+    CHECK_STD = "eval/target_check_std"
+    CHECK_LOWER_BOUND = "eval/target_check_lower_bound"
+    CHECK_PASSED = "eval/target_check_passed"
+    ACTOR_LOSS = "losses/actor"
+    ALPHA_LOSS = "losses/alpha"
+    ALPHA = "charts/alpha"
+    MEAN_Q = "charts/mean_q"
+    ENTROPY = "charts/entropy"
+    N_STEP_HORIZON = "charts/n_step_horizon"
+    PER_BETA = "charts/per_beta"
+
+    @staticmethod
+    def critic_loss(index: int) -> str:
+        """The loss of critic `index` (0 first): losses/critic1, losses/critic2, ..."""
+        return f"losses/critic{index + 1}"
+
+    @staticmethod
+    def learning_rate(optimizer: str) -> str:
+        return f"charts/lr_{optimizer}"
 
 
 class SACError(Exception):
@@ -75,9 +99,13 @@ class WriteError(SACError):
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A config field whose help text (and argparse extras) become its command-line flag."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def _option(default: Any, help: str, resumable: bool = False, **argparse_kwargs: Any) -> Any:
+    """A config field whose help text (and argparse extras) become its command-line flag.
+
+    `resumable`: the flag may differ from the checkpoint's when a run is resumed, because it changes how long
+    and how the run is watched or computed, never what it learns.
+    """
+    return field(default=default, metadata={"help": help, "resumable": resumable, **argparse_kwargs})
 
 
 @dataclass
@@ -89,9 +117,9 @@ class SACConfig:
     # The run's one budget is env steps; a run that reaches --target-return stops before it. 300k: seeds that
     # stalled by hovering were solved at 114k and 140k (docs/failure_analysis.md); the cap should rarely end a run.
     total_steps: int | None = _option(300_000, "most env steps a run takes (it stops earlier once solved); PER's "
-                                               "beta reaches 1 there")
+                                               "beta reaches 1 there", resumable=True)
     episodes: int | None = _option(None, "optional cap on training episodes as well (default: none; whichever "
-                                         "of the two caps comes first ends the run)")
+                                         "of the two caps comes first ends the run)", resumable=True)
     max_steps: int | None = _option(None, "time limit of one episode in env steps (default: the env's own, 1000 for "
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
@@ -125,8 +153,8 @@ class SACConfig:
     per_beta_start: float = _option(0.674, "initial importance-sampling exponent, annealed linearly to 1 over the "
                                           "run's step budget (--total-steps, else episodes x max steps)")
     # Evaluating often with few episodes notices a solved agent early; the 100-episode check then decides.
-    eval_every: int = _option(10, "deterministic evaluation every this many episodes; 0 disables")
-    eval_episodes: int = _option(10, "episodes per evaluation")
+    eval_every: int = _option(10, "deterministic evaluation every this many episodes; 0 disables", resumable=True)
+    eval_episodes: int = _option(10, "episodes per evaluation", resumable=True)
     # auto+60: a run stops at a check that clears 260 on LunarLander, not at the 200 that only just counts as
     # solved, whose agents crashed several times in 100 unseen episodes (docs/stop_rule.md).
     target_return: str = _option("auto+60", "the return a run stops at: when an evaluation's mean reaches it, a "
@@ -134,29 +162,32 @@ class SACConfig:
                                             "env's registered reward threshold (200 for LunarLander; Pendulum "
                                             "registers none, and then the run trains its whole budget), 'auto+N' "
                                             "that threshold plus N, a number is taken as it is, and 'none' never "
-                                            "stops early")
-    target_episodes: int = _option(100, "episodes of the check that decides whether --target-return is reached")
+                                            "stops early", resumable=True)
+    target_episodes: int = _option(100, "episodes of the check that decides whether --target-return is reached",
+                                   resumable=True)
     # A margin of two standard errors: a crash-prone agent's mean near 200 is not a lander that lands
     # (docs/failure_analysis.md).
     target_std_errors: float = _option(2.0, "the check passes when its mean minus this many standard errors of "
-                                            "that mean reaches --target-return (0: the mean alone)")
-    checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)")
+                                            "that mean reaches --target-return (0: the mean alone)", resumable=True)
+    checkpoint_every: int = _option(50, "checkpoint every this many episodes (and always the final agent)",
+                                    resumable=True)
     keep_checkpoints: int = _option(3, "periodic checkpoints kept per run (older ones are pruned); final.pt is "
-                                       "always kept")
-    save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume")
+                                       "always kept", resumable=True)
+    save_buffer: bool = _option(True, "store the replay buffer in checkpoints, for an exact resume", resumable=True)
     compile: bool = _option(True, "run the gradient step through torch.compile as one graph (falls back to eager "
                                   "where no C++ compiler is found); the first compile takes 30-60 s, later runs "
-                                  "at the same --threads reuse inductor's on-disk cache (about 5 s)")
+                                  "at the same --threads reuse inductor's on-disk cache (about 5 s)", resumable=True)
     cuda_graphs: bool = _option(False, "on CUDA, replay the compiled step as one CUDA graph (torch.compile's "
                                        "reduce-overhead mode) instead of launching its hundreds of small kernels "
-                                       "one by one; not yet measured by this repository (docs/performance.md)")
+                                       "one by one; not yet measured by this repository (docs/performance.md)",
+                                       resumable=True)
     precision: str = _option("fp32", "dtype of the hidden layers' matrix products. bf16 runs them at about twice "
                                      "the matmul rate on CPUs with AVX512-BF16; activations, outputs, losses and "
                                      "Adam stay fp32. On a CPU without bf16 instructions, bf16 computes the numbers "
                                      "a bf16 CPU would, as fp32 products of bf16-rounded values, and is slower "
-                                     "than fp32", choices=lambda: tuple(MATMUL_DTYPES))
-    device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"))
-    threads: int = _option(0, "torch CPU threads; 0 keeps torch's default")
+                                     "than fp32", choices=tuple(MATMUL_DTYPES))
+    device: str = _option("auto", "torch device", choices=("auto", "cpu", "cuda"), resumable=True)
+    threads: int = _option(0, "torch CPU threads; 0 keeps torch's default", resumable=True)
     run_name: str | None = _option(None, "name of runs/<name>/ and checkpoints/<name>/ (default: env, seed and time)")
 
     def validate(self) -> None:
@@ -204,11 +235,15 @@ class SACConfig:
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
             raise ConfigError(f"--run-name must be a plain folder name, got {self.run_name!r}")
 
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        """The fields whose flags may change when a run is resumed (`_option(..., resumable=True)`)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata["resumable"])
+
 
 # Named sets of defaults for train.py's --preset; flags given on the command line still win.
 # "original": the configuration this repository started from (docs/defaults.md), pinned value by value
-# so that it survives later changes of SACConfig's defaults. It trains its full budget: stopping when
-# solved (--target-return) came later, so the original runs without it.
+# so that it survives changes of SACConfig's defaults. That design had no stop rule: it trains its whole budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "original": dict(
         env="LunarLanderContinuous-v3", episodes=1000, max_steps=None, total_steps=None, hidden_size=256,
@@ -255,39 +290,30 @@ def check_lower_bound(mean: float, std: float, episodes: int, std_errors: float)
     return mean - std_errors * std / math.sqrt(episodes)
 
 
+def is_solved(checks: list[list[float]], target: float | None, episodes: int, std_errors: float) -> bool:
+    """The stop rule: the latest target check ([env step, mean, std] over `episodes` episodes) has its mean
+    minus `std_errors` standard errors at or above `target`. Never without a target or a check."""
+    if target is None or not checks:
+        return False
+    _, mean, std = checks[-1]
+    return check_lower_bound(mean, std, episodes, std_errors) >= target
+
+
+def evaluation_seed(config: SACConfig) -> int:
+    """The episode seed of a run's first evaluation episode: every evaluation plays the same episodes."""
+    return config.seed + EVAL_SEED_OFFSET
+
+
+def check_seed(config: SACConfig, index: int) -> int:
+    """The episode seed of the first episode of a run's target check number `index` (0 first), or of the
+    check an unsolved run would have made next: each check plays episodes no earlier check played."""
+    return config.seed + TARGET_SEED_OFFSET + index * config.target_episodes
+
+
 def flag(name: str) -> str:
     """The command-line option of a config field: `n_step` -> `--n-step`."""
     return "--" + name.replace("_", "-")
 
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def add_config_flags(parser: argparse.ArgumentParser, defaults: SACConfig | None = None) -> None:
-    """Add one flag per config field, with its help text; defaults from `defaults` (else the dataclass's)."""
-    defaults = SACConfig() if defaults is None else defaults
-    for f in dataclasses.fields(defaults):
-        default = getattr(defaults, f.name)
-        option = flag(f.name)
-        # A callable is resolved now: `choices` may name what is defined after SACConfig (the replay buffers).
-        extras = {k: v() if callable(v) else v for k, v in f.metadata.items() if k != "help"}
-        if f.type in (bool, "bool"):
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
-        # A None default is explained by the help text itself ("default: ...").
-        shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(option, type=kind, default=default, help=f"{f.metadata['help']}{shown}", **extras)
-
-
-def config_from_args(args: argparse.Namespace) -> SACConfig:
-    """The config whose fields are the parsed flags of the same names."""
-    return SACConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SACConfig)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,21 +359,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keep_freed_memory_mapped() -> None:
-    """Ask glibc to reuse freed memory instead of returning it to the OS after every tensor.
-
-    An update frees and re-allocates hundreds of 256 KB tensors; above glibc's default thresholds
-    each one is a fresh mmap that page-faults on first touch. Measured: ~10% faster updates on CPU.
-    A no-op where glibc is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's largest allowed value
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
 
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when present, else CPU; asking for CUDA without one is a ConfigError."""
@@ -373,52 +384,6 @@ def bf16_rounded_in_fp32(precision: str, device: torch.device) -> bool:
     return precision == "bf16" and device.type == "cpu" and native_bf16_cpu() is False
 
 
-def precision_line(precision: str, device: torch.device) -> str:
-    """What the hidden layers' matrix products compute in, and why: a run's first lines say it."""
-    if precision == "fp32":
-        return "precision: fp32 (the default; --precision bf16 is an option, docs/performance.md)"
-    if device.type != "cpu":
-        return f"precision: bf16 matrix products on {device.type} (--precision bf16)"
-    native = native_bf16_cpu()
-    if native:
-        return "precision: bf16 matrix products (--precision bf16), native on this CPU (AVX512-BF16 or AMX)"
-    if native is False:
-        return ("precision: bf16 matrix products (--precision bf16); this CPU has no AVX512-BF16 or AMX, so they "
-                "are fp32 products of bf16-rounded values: native bf16's numbers, slower than fp32")
-    return ("precision: bf16 matrix products (--precision bf16), but this CPU's bf16 support is unknown: if "
-            "emulated, bf16 can run many times slower than fp32 (--precision fp32)")
-
-
-def capture_rng_state(env: gym.Env) -> dict:
-    """Every random generator a training run draws from, as plain data (for an exact resume)."""
-    legacy = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
-        "torch": torch.get_rng_state(),
-        "env": env.unwrapped.np_random.bit_generator.state,
-        "action_space": env.action_space.np_random.bit_generator.state,
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict, env: gym.Env) -> None:
-    """Undo `capture_rng_state`: the next draw of every generator is the one it would have been."""
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    env.unwrapped.np_random.bit_generator.state = state["env"]
-    env.action_space.np_random.bit_generator.state = state["action_space"]
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value: Any) -> Any:
-    """Python's RNG state must be nested tuples; serialisation may hand back lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +673,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.update_priorities(batch.indices, metrics[PRIORITIES])
 
     def scalars(self, step: int) -> dict[str, float]:
-        return {"charts/per_beta": self.beta_at(step)}
+        return {Tag.PER_BETA: self.beta_at(step)}
 
     def update_priorities(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
         """Write new priorities (one device-to-host copy for the whole batch)."""
@@ -1034,7 +999,9 @@ class SACAgent:
         self._learning_rates = torch.zeros(len(self.optimizers), device=self.device)
         self._refresh_learning_rates()
         self.step_runs = "eager"
-        self.trained_at_commit: str | None = None  # the git commit a loaded checkpoint was written at
+        # The commit of the code that trained it: train.py sets it; a loaded agent saved again (an export without
+        # its replay buffer) keeps it.
+        self.trained_at_commit: str | None = None
         self._step = self.gradient_step
         self._graph_replay = False
 
@@ -1211,14 +1178,13 @@ class SACAgent:
 
         torch._foreach_lerp_(list(self.critic_target.parameters()), list(critic_params.values()), self.config.tau)
         return {
-            "losses/critic1": critic_losses[0],
-            "losses/critic2": critic_losses[1],
-            "losses/actor": actor_loss,
-            "losses/alpha": alpha_loss,
-            "charts/alpha": alpha,
-            "charts/mean_q": q_values.mean(),
-            "charts/entropy": -log_prob.mean(),
-            "charts/n_step_horizon": horizons.mean(),
+            **{Tag.critic_loss(i): loss for i, loss in enumerate(critic_losses.unbind())},
+            Tag.ACTOR_LOSS: actor_loss,
+            Tag.ALPHA_LOSS: alpha_loss,
+            Tag.ALPHA: alpha,
+            Tag.MEAN_Q: q_values.mean(),
+            Tag.ENTROPY: -log_prob.mean(),
+            Tag.N_STEP_HORIZON: horizons.mean(),
             PRIORITIES: (q_values - targets).abs().mean(0) + PRIORITY_EPS,
         }
 
@@ -1289,8 +1255,7 @@ class SACAgent:
             "action_low": self.action_low.tolist(),
             "action_high": self.action_high.tolist(),
             "config": dataclasses.asdict(self.config),
-            # A loaded agent saved again (an export without its replay buffer) keeps the commit that trained it.
-            "git_commit": self.trained_at_commit or code_version(),
+            "git_commit": self.trained_at_commit,
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),
                          "gymnasium": gym.__version__, "numpy": np.__version__},
         }
@@ -1305,8 +1270,8 @@ class SACAgent:
     def from_checkpoint(cls, checkpoint: dict, device: str | torch.device = "cpu") -> "SACAgent":
         """Rebuild an agent from a checkpoint returned by `read_checkpoint`."""
         meta = checkpoint["metadata"]
+        config = checkpoint_config(checkpoint)
         try:
-            config = SACConfig(**meta["config"])
             agent = cls(meta["obs_dim"], np.asarray(meta["action_low"]), np.asarray(meta["action_high"]),
                         config, device, meta["env_id"])
             agent.load_state_dict(checkpoint["agent"])
@@ -1363,90 +1328,14 @@ def evaluate_final_agent(path: str | Path, episodes: int) -> list[float]:
     """
     agent, env = load_agent_and_env(path)
     try:
-        return evaluate_policy(agent, env, episodes, agent.config.seed + TARGET_SEED_OFFSET)
+        return evaluate_policy(agent, env, episodes, check_seed(agent.config, 0))
     finally:
         env.close()
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint files and run folders
-#
-# The algorithm ends above. What follows is bookkeeping that train.py, visualize.py and lab/ share: the
-# checkpoint's training section, atomic writes, reading and refusing files, locks, pruning and the
-# run-name rules of checkpoints/<run>/ and runs/<run>/.
+# Checkpoint files: what SACAgent.save writes and SACAgent.load reads
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainingState:
-    """A checkpoint's "training" section: the counters, histories, RNG states and replay buffer that make a
-    resume exact, and what the study tools read of a run. Written and read only through this class."""
-
-    global_step: int = 0
-    episode: int = 0
-    updates: int = 0
-    eval_history: list = field(default_factory=list)  # [env step, mean return, std] per evaluation
-    target_checks: list = field(default_factory=list)  # [env step, mean return, std] per --target-episodes check
-    run_name: str | None = None
-    # True when written at an episode's end, after its bookkeeping: only then is a resume exact.
-    episode_finished: bool = True
-    rng: dict | None = None  # capture_rng_state()
-    buffer: dict | None = None  # the replay buffer's state_dict(), unless --no-save-buffer
-
-    def to_dict(self) -> dict:
-        """Plain data for the checkpoint (the buffer's tensors are not copied)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def of(cls, checkpoint: dict, path: str | Path) -> "TrainingState":
-        """The training section of a checkpoint from `read_checkpoint`; CheckpointError if it holds none."""
-        training = checkpoint.get("training")
-        if not isinstance(training, dict) or not training:
-            raise CheckpointError(f"{path}: holds an agent but no training state (an agent saved on its own)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{name: value for name, value in training.items() if name in known})
-
-    def resume_gap(self) -> str | None:
-        """Why resuming from this state would not replay the uninterrupted run exactly; None when it would."""
-        gaps = [gap for gap, applies in (("it was written mid-episode", not self.episode_finished),
-                                         ("it holds no replay buffer (--no-save-buffer)", self.buffer is None))
-                if applies]
-        return " and ".join(gaps) or None
-
-
-REPO = Path(__file__).resolve().parent
-# Pages and results files are written while a study runs: changes there say nothing about the code that ran.
-NOT_CODE = ("docs",)
-
-
-def _git(repo: Path, *args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):  # no git on this machine, or it hung
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def git_commit(repo: Path = REPO) -> str | None:
-    """The short sha of the commit checked out at `repo`; None outside a git checkout or without git."""
-    return _git(repo, "rev-parse", "--short", "HEAD") or None
-
-
-def uncommitted_changes(repo: Path = REPO) -> bool:
-    """Whether a tracked file outside docs/ differs from the commit: the code that ran is not that commit's."""
-    return bool(_git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".",
-                     *(f":(exclude){folder}" for folder in NOT_CODE)))
-
-
-@functools.lru_cache(maxsize=None)
-def code_version() -> str | None:
-    """This code's commit, with a note when it differs from it, as the process started; None outside git.
-
-    Checkpoints carry it, so that an agent says which code made it. Taken once: files edited while a run
-    trains are not the code it runs.
-    """
-    commit = git_commit()
-    return None if commit is None else commit + (" with uncommitted changes" if uncommitted_changes() else "")
-
 
 def atomic_save(obj: dict, path: Path) -> Path:
     """torch.save to a temporary name, fsync, then rename: a crash at any instant leaves the old file intact."""
@@ -1508,6 +1397,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def checkpoint_config(checkpoint: dict) -> SACConfig:
+    """The config a checkpoint from `read_checkpoint` was trained with: the one place that reads it."""
+    try:
+        return SACConfig(**checkpoint["metadata"]["config"])
+    except (TypeError, KeyError) as error:
+        raise CheckpointError(f"checkpoint config does not fit this code: {_first_line(error)}") from None
+
+
 def check_checkpoint_fits_env(checkpoint: dict, env: gym.Env, path: str | Path) -> None:
     """Refuse a checkpoint made for other observation or action spaces."""
     meta = checkpoint["metadata"]
@@ -1517,104 +1414,6 @@ def check_checkpoint_fits_env(checkpoint: dict, env: gym.Env, path: str | Path) 
     if found != expected:
         raise CheckpointError(f"{path}: made for {meta.get('env_id')} (obs dim {found[0]}, action bounds "
                               f"{found[1]}..{found[2]}), which does not fit {env.spec.id if env.spec else env}")
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The finished checkpoints in a folder, oldest first (temporary files never end in .pt)."""
-    return sorted(folder.glob("*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def find_checkpoint(target: str | Path | None) -> Path:
-    """Resolve a checkpoint file, a checkpoint folder or a run name to one file (the newest); None: newest of all."""
-    if target is None:
-        candidates = checkpoint_files(CHECKPOINTS_DIR) + [
-            p for run in sorted(CHECKPOINTS_DIR.glob("*/")) for p in checkpoint_files(run)]
-        if not candidates:
-            raise CheckpointError(f"no checkpoint found under {CHECKPOINTS_DIR}/: train one with python train.py")
-        return max(candidates, key=lambda p: p.stat().st_mtime_ns)
-    path = Path(target)
-    if path.is_file():
-        return path
-    folder = path if path.is_dir() else CHECKPOINTS_DIR / path
-    if folder.is_dir():
-        files = checkpoint_files(folder)
-        if files:
-            return files[-1]
-        raise CheckpointError(f"{folder}: holds no checkpoint (*.pt)")
-    raise CheckpointError(f"{target}: no such checkpoint file, folder or run name")
-
-
-def newest_intact_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in a folder that loads and validates, or None: where a resume would start from."""
-    for path in reversed(checkpoint_files(folder)):
-        try:
-            read_checkpoint(path)
-        except CheckpointError:
-            continue
-        return path
-    return None
-
-
-def run_files(run_name: str) -> list[Path]:
-    """What a run has written: its checkpoints and TensorBoard files (not its lock or temporary files)."""
-    events = [p for p in (RUNS_DIR / run_name).rglob("*") if p.is_file()]
-    return checkpoint_files(CHECKPOINTS_DIR / run_name) + events
-
-
-def refuse_existing_run(run_name: str) -> None:
-    """Raise SACError if a run of this name has written files: a new run must never overwrite or mix with it."""
-    if run_files(run_name):
-        raise SACError(f"run {run_name!r} already exists ({CHECKPOINTS_DIR / run_name}/, {RUNS_DIR / run_name}/): "
-                       f"continue it with --resume {run_name}, or choose another --run-name "
-                       "(--overwrite deletes it and starts over)")
-
-
-def remove_run_files(run_name: str) -> int:
-    """Delete a run's checkpoints, temporary files and TensorBoard folder (not its lock); returns the count."""
-    removed = run_files(run_name)
-    folder = CHECKPOINTS_DIR / run_name
-    for path in checkpoint_files(folder) + list(folder.glob(".*.tmp")):
-        path.unlink()
-    if (RUNS_DIR / run_name).exists():
-        shutil.rmtree(RUNS_DIR / run_name)
-    return len(removed)
-
-
-def lock_run(run_name: str) -> IO:
-    """Hold an exclusive advisory lock on the run for as long as this process lives, or raise SACError.
-
-    The lock file in checkpoints/<run>/ holds the holder's pid. flock is released by the OS when the
-    process ends in any way (kill -9 included), so no stale lock is ever left behind.
-    """
-    path = CHECKPOINTS_DIR / run_name / LOCK_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # never truncate before holding the lock: the holder's pid is in it
-    except OSError as error:
-        raise WriteError(f"cannot write {path}: {error.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise SACError(f"run {run_name!r} is being trained by process {holder} ({path}): "
-                       "wait for it to end or stop it first") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (step_*.pt); final.pt is never pruned.
-
-    Also removes temporary files left by a process killed while writing (never this process's own).
-    """
-    periodic = [p for p in checkpoint_files(folder) if p.name.startswith("step_")]
-    stale = [p for p in folder.glob(".*.tmp") if not p.name.endswith(f".{os.getpid()}.tmp")]
-    for old in periodic[:-keep] + stale:
-        old.unlink(missing_ok=True)
 
 
 def _load_failure_reason(error: BaseException, path: Path) -> str:
@@ -1638,9 +1437,3 @@ def _load_failure_reason(error: BaseException, path: Path) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit: how the scripts report SACError."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -24,20 +24,18 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from sac_model import (
-    CHECKPOINTS_DIR, EVAL_SEED_OFFSET, PRESETS, PRIORITIES, RUNS_DIR, TARGET_SEED_OFFSET, NStepCollector,
-    OneLineErrorParser, ReplayBuffer, SACAgent, SACConfig, SACError, TrainingDivergedError, TrainingState,
-    WriteError, add_config_flags, capture_rng_state, check_checkpoint_fits_env, check_lower_bound, config_from_args,
-    env_threshold, evaluate_policy, fail, find_checkpoint, flag, flat_dim, keep_freed_memory_mapped, lock_run,
-    make_buffer, make_env, newest_intact_checkpoint, precision_line, prune_checkpoints, read_checkpoint, refuse_existing_run,
-    remove_run_files, resolve_device, restore_rng_state, seed_everything, step_budget, target_return,
+from plumbing import (
+    CHECKPOINTS_DIR, FINAL_CHECKPOINT, RUNS_DIR, OneLineErrorParser, TrainingState, add_config_flags,
+    capture_rng_state, code_version, config_from_args, fail, find_checkpoint, keep_freed_memory_mapped, lock_run,
+    newest_intact_checkpoint, periodic_checkpoint_name, precision_line, prune_checkpoints, refuse_existing_run,
+    remove_run_files, restore_rng_state,
 )
-
-# Flags that may differ from the checkpoint's config when resuming: how long and how the run is
-# watched, never what it learns.
-RESUME_OVERRIDABLE = {"episodes", "total_steps", "eval_every", "eval_episodes", "target_return", "target_episodes",
-                      "target_std_errors", "checkpoint_every", "keep_checkpoints", "save_buffer", "device", "threads",
-                      "compile", "cuda_graphs"}
+from sac_model import (
+    PRESETS, PRIORITIES, NStepCollector, ReplayBuffer, SACAgent, SACConfig, SACError, Tag, TrainingDivergedError,
+    WriteError, check_checkpoint_fits_env, check_lower_bound, check_seed, checkpoint_config, env_threshold,
+    evaluate_policy, evaluation_seed, flag, flat_dim, is_solved, make_buffer, make_env, read_checkpoint,
+    resolve_device, seed_everything, step_budget, target_return,
+)
 # After SIGTERM the run finishes its episode only if that takes at most this long, then stops at once: a
 # container or job scheduler sends SIGKILL after a grace period (Docker's default: 10 s).
 SIGTERM_GRACE_SECONDS = 5.0
@@ -192,12 +190,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
     """The checkpoint's config, with the run-length and bookkeeping flags the user gave on top."""
-    config = SACConfig(**checkpoint["metadata"]["config"])
+    config = checkpoint_config(checkpoint)
     changed = changed_flags(config, args, given)
-    forbidden = sorted(changed - RESUME_OVERRIDABLE)
+    forbidden = sorted(changed - SACConfig.resumable_fields())
     if forbidden:
         raise SACError(f"{flag(forbidden[0])} cannot change when resuming; "
-                       f"only {', '.join(sorted(flag(name) for name in RESUME_OVERRIDABLE))} can")
+                       f"only {', '.join(sorted(flag(name) for name in SACConfig.resumable_fields()))} can")
     return dataclasses.replace(config, **{name: getattr(args, name) for name in changed})
 
 
@@ -315,6 +313,7 @@ def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitS
     stack.enter_context(claim_run(config.run_name, checkpoint is None, args.overwrite))  # once the env is valid
     obs_dim, action_dim = flat_dim(env.observation_space), flat_dim(env.action_space)
     agent = SACAgent(obs_dim, env.action_space.low, env.action_space.high, config, device, config.env)
+    agent.trained_at_commit = code_version()
     buffer = make_buffer(config, obs_dim, action_dim, device)
     if config.compile:
         agent.compile_update()
@@ -416,7 +415,7 @@ def log_update_metrics(run: Run, metrics: dict[str, torch.Tensor], step: int) ->
             raise TrainingDivergedError(f"non-finite {tag} ({value}) at env step {step}")
         run.writer.add_scalar(tag, value, step)
     for name, lr in run.agent.learning_rates().items():
-        run.writer.add_scalar(f"charts/lr_{name}", lr, step)
+        run.writer.add_scalar(Tag.learning_rate(name), lr, step)
     for tag, value in run.buffer.scalars(step).items():
         run.writer.add_scalar(tag, value, step)
 
@@ -427,11 +426,11 @@ def finish_episode(run: Run, episode: Episode) -> None:
     step = progress.global_step
     run.recent_returns.append(episode.total_return)
     steps_per_second = (step - run.session_start_step) / max(time.perf_counter() - run.session_start, 1e-9)
-    writer.add_scalar("charts/episode_return", episode.total_return, step)
-    writer.add_scalar("charts/episode_length", episode.length, step)
-    # 1 for an episode the time limit ended: on LunarLander, a lander that hovers instead of landing
-    writer.add_scalar("charts/episode_time_limit", float(episode.truncated and not episode.terminated), step)
-    writer.add_scalar("charts/steps_per_second", steps_per_second, step)
+    writer.add_scalar(Tag.EPISODE_RETURN, episode.total_return, step)
+    writer.add_scalar(Tag.EPISODE_LENGTH, episode.length, step)
+    # On LunarLander, an episode the time limit ended is a lander that hovers instead of landing.
+    writer.add_scalar(Tag.EPISODE_TIME_LIMIT, float(episode.truncated and not episode.terminated), step)
+    writer.add_scalar(Tag.STEPS_PER_SECOND, steps_per_second, step)
     if step >= config.update_after:
         run.agent.step_schedulers()
     if config.eval_every and progress.episode % config.eval_every == 0:
@@ -441,18 +440,18 @@ def finish_episode(run: Run, episode: Episode) -> None:
             check_target(run, f"the {config.eval_episodes}-episode evaluation reached {target:g}")
     run.display.show(progress, run.recent_returns)
     if progress.episode % config.checkpoint_every == 0:
-        path = save_checkpoint(run, f"step_{step:09d}", episode_finished=True)
+        path = save_checkpoint(run, periodic_checkpoint_name(step), episode_finished=True)
         prune_checkpoints(path.parent, config.keep_checkpoints)
 
 
 def evaluate_and_log(run: Run) -> None:
     """Deterministic evaluation on the same fixed seeds every time, logged and kept in the history."""
     config, progress = run.config, run.progress
-    returns = evaluate_policy(run.agent, run.eval_env, config.eval_episodes, config.seed + EVAL_SEED_OFFSET)
+    returns = evaluate_policy(run.agent, run.eval_env, config.eval_episodes, evaluation_seed(config))
     step = progress.global_step
     progress.eval_history.append([step, float(np.mean(returns)), float(np.std(returns))])
-    run.writer.add_scalar("eval/return_mean", np.mean(returns), step)
-    run.writer.add_scalar("eval/return_std", np.std(returns), step)
+    run.writer.add_scalar(Tag.EVAL_MEAN, np.mean(returns), step)
+    run.writer.add_scalar(Tag.EVAL_STD, np.std(returns), step)
 
 
 def lower_bound(check: list[float], config: SACConfig) -> float:
@@ -463,9 +462,7 @@ def lower_bound(check: list[float], config: SACConfig) -> float:
 
 def solved(progress: TrainingState, config: SACConfig) -> bool:
     """Whether the latest target check reached --target-return (never without a target)."""
-    target = target_return(config)
-    return (target is not None and bool(progress.target_checks)
-            and lower_bound(progress.target_checks[-1], config) >= target)
+    return is_solved(progress.target_checks, target_return(config), config.target_episodes, config.target_std_errors)
 
 
 def check_target(run: Run, what: str) -> None:
@@ -476,15 +473,15 @@ def check_target(run: Run, what: str) -> None:
     """
     config, progress = run.config, run.progress
     tqdm.write(f"env step {progress.global_step:,}: {what}; checking it over {config.target_episodes} episodes")
-    first_seed = config.seed + TARGET_SEED_OFFSET + len(progress.target_checks) * config.target_episodes
-    returns = evaluate_policy(run.agent, run.eval_env, config.target_episodes, first_seed)
+    returns = evaluate_policy(run.agent, run.eval_env, config.target_episodes,
+                              check_seed(config, len(progress.target_checks)))
     step, mean, std = progress.global_step, float(np.mean(returns)), float(np.std(returns))
     progress.target_checks.append([step, mean, std])
     lower = lower_bound(progress.target_checks[-1], config)
-    run.writer.add_scalar("eval/target_check_mean", mean, step)
-    run.writer.add_scalar("eval/target_check_std", std, step)
-    run.writer.add_scalar("eval/target_check_lower_bound", lower, step)
-    run.writer.add_scalar("eval/target_check_passed", float(solved(progress, config)), step)
+    run.writer.add_scalar(Tag.CHECK_MEAN, mean, step)
+    run.writer.add_scalar(Tag.CHECK_STD, std, step)
+    run.writer.add_scalar(Tag.CHECK_LOWER_BOUND, lower, step)
+    run.writer.add_scalar(Tag.CHECK_PASSED, float(solved(progress, config)), step)
     verdict = "solved" if solved(progress, config) else "not solved"
     bound = f", lower bound {lower:.1f}" if config.target_std_errors else ""
     tqdm.write(f"env step {step:,}: {config.target_episodes}-episode check {mean:.1f} +/- {std:.1f}{bound}, "
@@ -492,7 +489,7 @@ def check_target(run: Run, what: str) -> None:
 
 
 def save_checkpoint(run: Run, name: str, episode_finished: bool) -> Path:
-    """Write checkpoints/<run>/<name>.pt with everything `--resume` needs; refuses a diverged agent.
+    """Write checkpoints/<run>/<name> with everything `--resume` needs; refuses a diverged agent.
 
     The TensorBoard events are flushed first: a checkpoint never claims steps whose events failed to be written.
     """
@@ -503,7 +500,7 @@ def save_checkpoint(run: Run, name: str, episode_finished: bool) -> Path:
     state = dataclasses.replace(run.progress, run_name=run.config.run_name, episode_finished=episode_finished,
                                 rng=capture_rng_state(run.env),
                                 buffer=run.buffer.state_dict() if run.config.save_buffer else None)
-    return run.agent.save(CHECKPOINTS_DIR / run.config.run_name / f"{name}.pt", state.to_dict())
+    return run.agent.save(CHECKPOINTS_DIR / run.config.run_name / name, state.to_dict())
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +510,7 @@ def save_checkpoint(run: Run, name: str, episode_finished: bool) -> Path:
 def stop_on_signal(run: Run) -> int:
     """Save the checkpoint a stop signal asked for and say how to go on; the exit code is 128 + the signal."""
     exact = run.at_episode_boundary
-    path = save_checkpoint(run, f"step_{run.progress.global_step:09d}", episode_finished=exact)
+    path = save_checkpoint(run, periodic_checkpoint_name(run.progress.global_step), episode_finished=exact)
     prune_checkpoints(path.parent, run.config.keep_checkpoints)
     where = (f"at the end of episode {run.progress.episode}" if exact
              else f"mid-episode (episode {run.progress.episode + 1})")
@@ -532,7 +529,7 @@ def finish_run(run: Run) -> int:
     checked_now = bool(progress.target_checks) and progress.target_checks[-1][0] == progress.global_step
     if target_return(config) is not None and not solved(progress, config) and not checked_now:
         check_target(run, "the step budget is spent")  # for the record
-    path = save_checkpoint(run, "final", episode_finished=run.at_episode_boundary)
+    path = save_checkpoint(run, FINAL_CHECKPOINT, episode_finished=run.at_episode_boundary)
     print(f"finished {progress.episode} episodes, {progress.global_step:,} env steps"
           f"{' (solved)' if solved(progress, config) else ''}; final agent: {path}")
     return 0

@@ -19,10 +19,8 @@ from typing import Callable
 import numpy as np
 from gymnasium.wrappers import RecordVideo
 
-from sac_model import (
-    CheckpointError, OneLineErrorParser, SACError, WriteError, evaluate_policy, fail, find_checkpoint,
-    load_agent_and_env,
-)
+from plumbing import OneLineErrorParser, fail, find_checkpoint
+from sac_model import CheckpointError, SACError, WriteError, evaluate_policy, load_agent_and_env
 
 # A LunarLander agent that ships with the repository, so there is something to watch before training.
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "LunarLanderContinuous-v3.pt"

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lab.tables import CurveReader  # noqa: E402
+from sac_model import Tag  # noqa: E402
 
 
 def steady_rate(run_dir: Path, warmup_steps: int) -> float:
     """Env steps per second between the first episode end past `warmup_steps` and the run's last one."""
-    steps, average_rates = CurveReader(run_dir, tag="charts/steps_per_second").read()
+    steps, average_rates = CurveReader(run_dir, tag=Tag.STEPS_PER_SECOND).read()
     seconds = steps / average_rates  # elapsed since the session started, at each episode end
     first = int(np.searchsorted(steps, warmup_steps))
     if first >= len(steps) - 1:

@@ -36,9 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from lab.provenance import cpu_name  # noqa: E402  (the repository root has to be on the path first)
-from sac_model import (  # noqa: E402
-    PrioritizedReplayBuffer, ReplayBuffer, SACAgent, SACConfig, keep_freed_memory_mapped,
-)
+from plumbing import keep_freed_memory_mapped  # noqa: E402
+from sac_model import PrioritizedReplayBuffer, ReplayBuffer, SACAgent, SACConfig  # noqa: E402
 
 ENV_ID = "LunarLanderContinuous-v3"
 OBS_DIM, ACTION_DIM = 8, 2

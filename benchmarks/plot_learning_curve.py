@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sac_model import SACConfig, target_return  # noqa: E402
+from sac_model import SACConfig, Tag, target_return  # noqa: E402
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -52,9 +52,9 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot(run_dir: Path, output: Path, title: str) -> None:
     events = read_events(run_dir)
-    steps, returns = read_scalars(events, "charts/episode_return")
-    eval_steps, eval_returns = read_scalars(events, "eval/return_mean")
-    check_steps, check_bounds = read_scalars(events, "eval/target_check_lower_bound")
+    steps, returns = read_scalars(events, Tag.EPISODE_RETURN)
+    eval_steps, eval_returns = read_scalars(events, Tag.EVAL_MEAN)
+    check_steps, check_bounds = read_scalars(events, Tag.CHECK_LOWER_BOUND)
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=110)
     axes.plot(steps, returns, color="tab:blue", alpha=0.2, linewidth=0.8, label="training episode return")
     axes.plot(steps, moving_average(returns, 20), color="tab:blue", label="training return, mean of last 20")

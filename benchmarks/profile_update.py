@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sac_model import SACAgent, SACConfig, keep_freed_memory_mapped, make_buffer  # noqa: E402
+from plumbing import keep_freed_memory_mapped  # noqa: E402
+from sac_model import SACAgent, SACConfig, make_buffer  # noqa: E402
 
 OBS_DIM, ACTION_DIM, FILL, UPDATES = 8, 2, 5_000, 30
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")

@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402  (the repository root has to be on the path first)
 from bench_sac import markdown_table  # noqa: E402
 from lab.provenance import cpu_name  # noqa: E402
-from sac_model import CHECKPOINTS_DIR, SACAgent, TrainingState, read_checkpoint  # noqa: E402
+from plumbing import CHECKPOINTS_DIR, TrainingState, final_checkpoint  # noqa: E402
+from sac_model import SACAgent, read_checkpoint  # noqa: E402
 
 START_STEPS = 1_000  # random actions and no updates before this step, as bench_sac.py's whole-process run
 UPDATE_EVERY = 50
@@ -187,13 +188,13 @@ def train_argv(args: argparse.Namespace) -> list[str]:
             "--threads", str(args.threads), "--run-name", RUN_NAME]
 
 
-def final_checkpoint(workdir: Path) -> Path:
-    return workdir / CHECKPOINTS_DIR / RUN_NAME / "final.pt"
+def final_agent(workdir: Path) -> Path:
+    return final_checkpoint(workdir / CHECKPOINTS_DIR / RUN_NAME)
 
 
 def run_counts(workdir: Path) -> TrainingState:
     """The finished run's counters (env steps, gradient steps, evaluations, checks), from its final checkpoint."""
-    return TrainingState.of(read_checkpoint(final_checkpoint(workdir)), final_checkpoint(workdir))
+    return TrainingState.of(read_checkpoint(final_agent(workdir)), final_agent(workdir))
 
 
 def timed_phases(clock: PhaseClock) -> ExitStack:
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         clock, main_seconds = run_train(train_argv(args), Path(workdir))
         counts = run_counts(Path(workdir))
         if args.save_agent is not None:
-            SACAgent.load(final_checkpoint(Path(workdir))).save(args.save_agent)
+            SACAgent.load(final_agent(Path(workdir))).save(args.save_agent)
     page = report(args, imports, breakdown, clock, main_seconds, counts)
     print(page)
     if args.output is not None:

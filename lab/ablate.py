@@ -29,16 +29,17 @@ from pathlib import Path
 
 import torch
 
-from sac_model import OneLineErrorParser, SACError, evaluate_final_agent, fail
+from plumbing import CHECKPOINTS_DIR, FINAL_CHECKPOINT, OneLineErrorParser, fail, final_checkpoint, run_state
+from sac_model import SACError, Tag, evaluate_final_agent
 from lab.configs import CONFIGS, VARIANTS
 from lab.provenance import provenance
 from lab.tables import (
-    CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, TARGET_CHECK_TAG, aggregate, confirmation_table,
+    CONFIRMATION_NOTES, FINAL_CHECK_NOTES, TABLE_NOTES, aggregate, confirmation_table,
     final_check_table, load_study, markdown_table, parse_run_name, plot_curves, run_name,
 )
 from lab.runner import (
     CONFIRMATION_SEEDS, SEARCH_SEEDS, STUDIES_DIR, add_study_flags, check_study_args, check_train_args,
-    common_train_flags, init_ray, lock_study, refuse_foreign_trials, start_train, study_settings, trial_state, tune,
+    common_train_flags, init_ray, lock_study, refuse_foreign_trials, start_train, study_settings, tune,
     tune_run_config, unfinished_runs,
 )
 
@@ -144,7 +145,8 @@ def run_trials(args: argparse.Namespace, study_dir: Path, flags: dict[str, list[
         run_config=tune_run_config(study_dir, label=lambda trial: trial.config["run"]),
     )
     results = {result.config["run"]: result for result in tuner.fit() if result.config}  # None: never started
-    return {run: unfinished_reason(results.get(run)) for run in flags if trial_state(study_dir, run) != "finished"}
+    return {run: unfinished_reason(results.get(run)) for run in flags
+            if run_state(study_dir / CHECKPOINTS_DIR / run) != "finished"}
 
 
 def unfinished_reason(result: tune.Result | None) -> str:
@@ -171,10 +173,10 @@ def all_trial_flags(args: argparse.Namespace, settings: dict) -> dict[str, list[
 def plan_trials(args: argparse.Namespace, settings: dict, study_dir: Path) -> dict[str, list[str]]:
     """The train.py flags of each trial still to run, by run name; prints which are finished (skipped)."""
     flags = all_trial_flags(args, settings)
-    states = {run: trial_state(study_dir, run) for run in flags}
+    states = {run: run_state(study_dir / CHECKPOINTS_DIR / run) for run in flags}
     for run, state in states.items():
         if state == "finished":
-            print(f"skipped  {run}: finished (checkpoints/{run}/final.pt)")
+            print(f"skipped  {run}: finished ({final_checkpoint(CHECKPOINTS_DIR / run)})")
     counts = {state: list(states.values()).count(state) for state in ("finished", "resumable", "new")}
     print(f"{len(states)} trials of {settings['budget']:,} env steps: {counts['finished']} finished, "
           f"{counts['resumable']} to resume, {counts['new']} to start", flush=True)
@@ -193,7 +195,7 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     curves = {config: curves[config] for config in sorted(curves, key=lambda c: (order.get(c, len(order)), c))}
     table, notes = markdown_table(aggregate(curves, points, args.threshold)), TABLE_NOTES
     if settings["target_return"] != "none":
-        table += "\n\n" + confirmation_table(load_study(study_dir, tag=TARGET_CHECK_TAG), args.threshold)
+        table += "\n\n" + confirmation_table(load_study(study_dir, tag=Tag.CHECK_MEAN), args.threshold)
         notes += "\n\n" + CONFIRMATION_NOTES
     if args.final_episodes:
         returns = final_agent_returns(study_dir, args.final_episodes, args.max_concurrent or os.cpu_count() or 1)
@@ -216,7 +218,7 @@ def final_agent_returns(study_dir: Path, episodes: int, workers: int) -> dict[st
     """
     path = study_dir / FINAL_CHECKS_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
-    finals = {final.parent.name: final for final in sorted((study_dir / "checkpoints").glob("*/final.pt"))
+    finals = {final.parent.name: final for final in sorted((study_dir / CHECKPOINTS_DIR).glob(f"*/{FINAL_CHECKPOINT}"))
               if parse_run_name(final.parent.name)}
     stamp = {run: final.stat().st_mtime_ns for run, final in finals.items()}
     todo = [run for run in finals

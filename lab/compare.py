@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.confirm import parse_seeds, solved_at, wall_minutes
 from lab.provenance import provenance
-from sac_model import OneLineErrorParser, SACError, fail
-
-REPO = Path(__file__).resolve().parent.parent
+from lab.records import parse_seeds, solved_at, wall_minutes
+from plumbing import REPO, OneLineErrorParser, fail
+from sac_model import SACError
 
 
 def load_records(docs: Path, study: str) -> dict[int, dict]:

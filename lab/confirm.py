@@ -22,30 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import outcomes
+from lab import launch, outcomes
 from lab.configs import CONFIGS, VARIANTS
 from lab.provenance import provenance
+from lab.records import commit, parse_seeds, solved_at, wall_minutes
 from lab.tables import load_study, plot_curves, run_name
-from sac_model import (
-    CHECKPOINTS_DIR, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound, checkpoint_files,
-    fail, load_agent_and_env, read_checkpoint, target_return,
+from plumbing import (
+    CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, checkpoint_files, fail, final_checkpoint,
 )
+from sac_model import SACError, checkpoint_config, load_agent_and_env, read_checkpoint, target_return
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULTS_LABEL = "defaults"  # run folders are <label>__seed<N>, the name the study tables parse
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'40-49' or '40,41,45' -> the seeds, in order."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        first, dash, last = part.partition("-")
-        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
-            raise SACError(f"--seeds: expected a range like 40-49 or a list like 40,41, got {text!r}")
-        seeds.extend(range(int(first), int(last or first) + 1))
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise SACError(f"--seeds: expected distinct seeds, got {text!r}")
-    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,10 +88,8 @@ class Study:
     def command(self, seed: int) -> list[str]:
         """train.py for this seed: a new run, or the resumption of an interrupted one."""
         run = self.run_name(seed)
-        train = [sys.executable, str(REPO / "train.py")]
-        if checkpoint_files(self.checkpoints(run)):
-            return [*train, "--resume", run, "--threads", "1"]
-        return [*train, "--seed", str(seed), "--threads", "1", "--run-name", run, *self.train_args]
+        flags = ["--seed", str(seed), "--threads", "1", "--run-name", run, *self.train_args]
+        return launch.train_command(self.folder, run, flags)
 
     def start(self, seed: int) -> subprocess.Popen:
         """Start a seed's run, logging to studies/<name>/<run>.log; an interrupted segment ends at its checkpoint."""
@@ -120,20 +105,19 @@ class Study:
         self.save()
         command = self.command(seed)
         print(f"{time.strftime('%H:%M:%S')} start {run}: {shlex.join(command[1:])}", flush=True)
-        log = open(self.folder / f"{run}.log", "a")
-        return subprocess.Popen(command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+        return launch.start(command, self.folder, self.folder / f"{run}.log").process
 
     def finish(self, seed: int, returncode: int) -> None:
         """Record a finished run: wall time, steps, its last check, and its final agent on unseen episodes."""
         run = self.run_name(seed)
         record = self.results[run]
         record["segments"][-1][1] = time.time()
-        final = self.checkpoints(run) / "final.pt"
+        final = final_checkpoint(self.checkpoints(run))
         if returncode != 0 or not final.is_file():
             self.save()
             raise SACError(f"{run} exited with code {returncode}; see {self.folder / (run + '.log')}")
         checkpoint = read_checkpoint(final)
-        training, config = TrainingState.of(checkpoint, final), SACConfig(**checkpoint["metadata"]["config"])
+        training, config = TrainingState.of(checkpoint, final), checkpoint_config(checkpoint)
         record.update(steps=training.global_step, updates=training.updates, cap=config.total_steps,
                       checks=training.target_checks, target=target_return(config),
                       std_errors=config.target_std_errors, target_episodes=config.target_episodes)
@@ -147,21 +131,6 @@ class Study:
             record["unseen_crashes"] = sum(kind in outcomes.CRASHES for kind in kinds)
         self.save()
         print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
-
-
-def lower_bound(check: list[float], record: dict) -> float:
-    _, mean, std = check
-    return check_lower_bound(mean, std, record["target_episodes"], record["std_errors"])
-
-
-def solved_at(record: dict) -> int | None:
-    """The env step of the check that ended the run as solved; None for a run that reached its cap."""
-    last = record["checks"][-1] if record["checks"] else None
-    return last[0] if last and lower_bound(last, record) >= record["target"] else None
-
-
-def wall_minutes(record: dict) -> float:
-    return sum(end - start for start, end in record["segments"]) / 60
 
 
 def row_cells(record: dict) -> list[str]:
@@ -220,21 +189,6 @@ def write_report(study: Study, seeds: list[int]) -> list[Path]:
     if curves:
         paths.append(plot_curves(curves, docs / f"{study.name}.png", threshold=200.0))
     return paths
-
-
-def commit(paths: list[Path], message: str) -> None:
-    """Commit the page and its plot, and nothing else that is staged; a failure (another git command holding
-    the index, say) is retried, then reported without stopping the runs."""
-    relative = [str(p.resolve().relative_to(REPO)) for p in paths]
-    for attempt in range(5):
-        added = subprocess.run(["git", "add", *relative], cwd=REPO, capture_output=True, text=True)
-        done = added.returncode == 0 and subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", *relative], cwd=REPO, capture_output=True, text=True
-        ).returncode == 0
-        if done:
-            return
-        time.sleep(2 + 3 * attempt)
-    print(f"warning: could not commit {', '.join(relative)}; commit them by hand", flush=True)
 
 
 def run(study: Study, seeds: list[int]) -> None:

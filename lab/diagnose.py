@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 
 from lab import outcomes
 from lab.tables import CurveReader
-from sac_model import OneLineErrorParser, SACError, fail
+from plumbing import OneLineErrorParser, fail
+from sac_model import SACError, Tag
 
 COLUMNS = ("window", "episodes", "mean return", "time-limit episodes", "their share of steps", "crashes", "alpha",
            "entropy", "mean Q", "evaluation")
@@ -36,8 +37,8 @@ def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
 def episodes(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """End step, return and length of every episode whose return and length are both logged (a run still
     writing may have logged one and not yet the other)."""
-    steps, returns = scalars(run_dir, "charts/episode_return")
-    length_steps, lengths = scalars(run_dir, "charts/episode_length")
+    steps, returns = scalars(run_dir, Tag.EPISODE_RETURN)
+    length_steps, lengths = scalars(run_dir, Tag.EPISODE_LENGTH)
     both = np.isin(steps, length_steps)
     return steps[both], returns[both], lengths[np.isin(length_steps, steps)]
 
@@ -56,9 +57,8 @@ def cell(value: float, spec: str) -> str:
 def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int) -> list[list[str]]:
     """One row per window of `window` env steps with at least one finished episode."""
     steps, returns, lengths = episodes(run_dir)
-    cut_steps, cut = scalars(run_dir, "charts/episode_time_limit")
-    logged = {tag: scalars(run_dir, tag) for tag in ("charts/alpha", "charts/entropy", "charts/mean_q",
-                                                     "eval/return_mean")}
+    cut_steps, cut = scalars(run_dir, Tag.EPISODE_TIME_LIMIT)
+    logged = {tag: scalars(run_dir, tag) for tag in (Tag.ALPHA, Tag.ENTROPY, Tag.MEAN_Q, Tag.EVAL_MEAN)}
     if cut.size:
         cut = np.isin(steps, cut_steps[cut > 0]).astype(float)
     else:  # a run logged before the time-limit tag existed: the episode length tells
@@ -73,8 +73,8 @@ def window_rows(run_dir: Path, window: int, crash_below: float, time_limit: int)
         rows.append([f"{start // 1000}-{(start + window) // 1000}k", str(int(inside.sum())),
                      f"{returns[inside].mean():.1f}", str(int(cut[inside].sum())),
                      f"{steps_cut / lengths[inside].sum():.0%}", str(int((returns[inside] < crash_below).sum())),
-                     cell(mean_of["charts/alpha"], ".3f"), cell(mean_of["charts/entropy"], ".2f"),
-                     cell(mean_of["charts/mean_q"], ".1f"), cell(mean_of["eval/return_mean"], ".1f")])
+                     cell(mean_of[Tag.ALPHA], ".3f"), cell(mean_of[Tag.ENTROPY], ".2f"),
+                     cell(mean_of[Tag.MEAN_Q], ".1f"), cell(mean_of[Tag.EVAL_MEAN], ".1f")])
     return rows
 
 

@@ -159,10 +159,6 @@ def _crashed(trajectory: Trajectory) -> bool:
     return trajectory.terminated and float(trajectory.rewards[-1]) == CRASH_REWARD
 
 
-def _at_rest(trajectory: Trajectory) -> bool:
-    return trajectory.terminated and float(trajectory.rewards[-1]) == REST_REWARD
-
-
 def touchdown(trajectory: Trajectory) -> Touchdown | None:
     """The first ground contact, or None if neither leg nor body ever touched (a hover, a flight out of bounds)."""
     legs = trajectory.observations[1:, LEFT_LEG] + trajectory.observations[1:, RIGHT_LEG]

@@ -1,6 +1,6 @@
 """Which code and which machine produced a result: the line that heads every page the study tools write.
 
-The commit comes from sac_model.py, which also writes it into every checkpoint.
+The commit comes from plumbing.py, whose code_version train.py also writes into every checkpoint.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from sac_model import REPO, git_commit, uncommitted_changes
+from plumbing import REPO, git_commit, uncommitted_changes
 
 
 def cpu_name() -> str:

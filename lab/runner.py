@@ -13,26 +13,21 @@ Locally, Ray starts in the driver with as many concurrent trials as the CPUs all
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import json
 import logging
 import os
 import shlex
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
-from sac_model import (
-    CheckpointError, ConfigError, SACConfig, checkpoint_files, config_from_args, fail, flag, read_checkpoint,
-)
-from train import RESUME_OVERRIDABLE, changed_flags, flags_given, parse_args as parse_train_args
+from lab.launch import Started, last_line, start, train_command
+from plumbing import CHECKPOINTS_DIR, checkpoint_files, config_from_args, fail, run_state
+from sac_model import CheckpointError, ConfigError, SACConfig, checkpoint_config, flag, read_checkpoint
+from train import changed_flags, flags_given, parse_args as parse_train_args
 
 try:
     import ray
@@ -41,7 +36,6 @@ except ImportError:
     print("error: the study tools need Ray Tune: pip install -r requirements-study.txt", file=sys.stderr)
     sys.exit(2)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 STUDIES_DIR = Path("studies")
 # Seeds never cross between choosing hyperparameters and judging them: a search tunes on its own seeds,
 # the confirmation (and any ablation) runs on others, so the result is not fitted to the seeds it is judged on.
@@ -53,7 +47,6 @@ OWN_FLAGS = {"seed", "total_steps", "threads", "eval_every", "eval_episodes", "t
 # Episodes between checkpoints of a trial (train.py's default is 50): a stopped trial redoes at most
 # this many. Each checkpoint is written at an episode's end, so the resume is exact. --train-args may change it.
 CHECKPOINT_EVERY = 10
-PR_SET_PDEATHSIG = 1
 # Seconds to wait for a TCP answer at a host:port --address before calling the cluster unreachable.
 ADDRESS_TIMEOUT_S = 10
 
@@ -182,15 +175,15 @@ def refuse_foreign_trials(flags: dict[str, list[str]], study_dir: Path, parser: 
     change aside).
     """
     for run, run_flags in flags.items():
-        files = checkpoint_files(study_dir / "checkpoints" / run)
+        files = checkpoint_files(study_dir / CHECKPOINTS_DIR / run)
         if not files:
             continue
         try:
-            config = SACConfig(**read_checkpoint(files[-1])["metadata"]["config"])
-        except (CheckpointError, TypeError) as error:
+            config = checkpoint_config(read_checkpoint(files[-1]))
+        except CheckpointError as error:
             parser.error(f"trial folder {files[-1].parent} is not this study's {run}: {error}")
         trial_args = parse_train_args(run_flags)
-        foreign = sorted(changed_flags(config, trial_args, flags_given(run_flags)) - RESUME_OVERRIDABLE)
+        foreign = sorted(changed_flags(config, trial_args, flags_given(run_flags)) - SACConfig.resumable_fields())
         if foreign:
             name = foreign[0]
             parser.error(f"trial folder {files[-1].parent} is not this study's {run}: it was trained with "
@@ -202,65 +195,21 @@ def refuse_foreign_trials(flags: dict[str, list[str]], study_dir: Path, parser: 
 # train.py runs
 # --------------------------------------------------------------------------------------------
 
-def trial_state(study_dir: Path, run: str) -> str:
-    """'finished' (final.pt exists), 'resumable' (a periodic checkpoint exists) or 'new'."""
-    folder = study_dir / "checkpoints" / run
-    if (folder / "final.pt").is_file():
-        return "finished"
-    return "resumable" if any(folder.glob("step_*.pt")) else "new"
+def start_train(study_dir: Path, run: str, flags: list[str]) -> Started:
+    """Start train.py for one run of a study (lab.launch: resumed from its newest checkpoint if it has one).
 
-
-@dataclass
-class TrainProcess:
-    """A running train.py of a study, and where its output goes."""
-
-    process: subprocess.Popen
-    log_path: Path
-    log_start: int  # byte offset of this attempt's output in the log
-
-    def wait(self) -> tuple[int, str]:
-        """Wait for the end: train.py's exit code and the last line it wrote (a failed run's error message)."""
-        return self.process.wait(), last_line(self.log_path, self.log_start)
-
-
-def start_train(study_dir: Path, run: str, flags: list[str]) -> TrainProcess:
-    """Start train.py for one run of a study, resuming it from its newest checkpoint if it has one.
-
-    train.py runs with this worker's Python in the study folder, so its runs/ and checkpoints/ land
-    there; its output is appended to logs/<run>.log. A run without a checkpoint starts over, after
-    removing logs a killed attempt may have left.
+    train.py runs with this worker's Python in the study folder, so its runs/ and checkpoints/ land there; its
+    output is appended to logs/<run>.log. A stopped trial (Ctrl-C, or ASHA) ends with Ray killing its worker:
+    train.py then gets SIGTERM (Linux), writes a checkpoint and exits; the next start resumes it.
     """
-    command = [sys.executable, str(TRAIN_SCRIPT), *flags]
-    if trial_state(study_dir, run) == "resumable":
-        command += ["--resume", str(Path("checkpoints") / run)]
-    else:
-        shutil.rmtree(study_dir / "runs" / run, ignore_errors=True)
-    log_path = study_dir / "logs" / f"{run}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    # A stopped trial (Ctrl-C, or ASHA) ends with Ray killing its worker: train.py then gets SIGTERM
-    # (Linux), writes a checkpoint and exits, instead of running on orphaned; the next start resumes it.
-    prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-    with open(log_path, "a") as log:
-        separator = "\n" if log.tell() else ""  # a killed attempt's progress bar ends without one
-        log.write(f"{separator}=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-        log.flush()
-        process = subprocess.Popen(command, cwd=study_dir, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=prctl and (lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)))
-        return TrainProcess(process, log_path, log.tell())
-
-
-def last_line(path: Path, start: int = 0) -> str:
-    """The last non-empty line of a file after byte `start`."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
+    return start(train_command(study_dir, run, flags), study_dir, study_dir / "logs" / f"{run}.log",
+                 die_with_parent=True)
 
 
 def unfinished_runs(study_dir: Path) -> dict[str, str]:
     """The last log line of each run that was started but has no final checkpoint, by run name."""
     return {log.stem: last_line(log) for log in sorted((study_dir / "logs").glob("*.log"))
-            if trial_state(study_dir, log.stem) != "finished"}
+            if run_state(study_dir / CHECKPOINTS_DIR / log.stem) != "finished"}
 
 
 # --------------------------------------------------------------------------------------------

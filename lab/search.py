@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sac_model import OneLineErrorParser, SACConfig, flag
+from plumbing import OneLineErrorParser
+from sac_model import SACConfig, flag
 from lab.provenance import provenance
 from lab.tables import (
     Curve, CurveReader, SearchTrial, area_under_curve, format_param, load_search, load_study, run_name, search_table,

@@ -21,10 +21,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -34,9 +32,10 @@ import numpy as np
 
 from lab import outcomes
 from lab.provenance import provenance
+from plumbing import OneLineErrorParser, TrainingState, fail, final_checkpoint, periodic_checkpoints
 from sac_model import (
-    EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, OneLineErrorParser, SACConfig, SACError, TrainingState, check_lower_bound,
-    fail, load_agent_and_env, read_checkpoint,
+    EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, check_lower_bound, check_seed, checkpoint_config,
+    evaluation_seed, load_agent_and_env, read_checkpoint,
 )
 
 CHECK_EPISODES = SACConfig().target_episodes  # the check every rule here makes, as train.py's default
@@ -44,7 +43,6 @@ CHECK_STD_ERRORS = SACConfig().target_std_errors  # lower bound = mean - 2 std /
 LANDING_RETURN = 200.0  # an episode at or above this counts as a landing (LunarLander's solved threshold)
 TRAJECTORY_EVERY = 10_000  # env steps between the trajectory's checkpoints
 CACHE_VERSION = 1
-STEP_NAME = re.compile(r"step_(\d+)\.pt")
 
 
 class Pending(Exception):
@@ -220,7 +218,7 @@ def simulate(rule: Rule, run: Run, evaluate: Evaluate, check_episodes: int = CHE
     for checkpoint in checkpoints:
         if checkpoint.eval_mean is None or checkpoint.eval_mean < rule.trigger:
             continue
-        first_seed = run.seed + TARGET_SEED_OFFSET + len(checks) * check_episodes
+        first_seed = check_seed(seeding(run, check_episodes), len(checks))
         evaluation = evaluate(checkpoint, first_seed, check_episodes)
         checks.append(Check(checkpoint.step, first_seed, evaluation, rule.passes(evaluation)))
         if not checks[-1].passed:
@@ -237,11 +235,12 @@ def read_run(folder: Path) -> Run:
     """A run folder's periodic checkpoints (step_*.pt) in step order, each with the evaluation made at its step,
     then final.pt where the run has ended past the last of them: the agent a run that spends its whole step
     budget delivers (train.py always evaluates it), so the cap is the fixed budget's own agent."""
-    found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := STEP_NAME.fullmatch(p.name)))
+    found = periodic_checkpoints(folder)
     if not found:
         raise SACError(f"{folder}: no periodic checkpoints (step_*.pt)")
-    checkpoints, config, env_id, ended = [], None, None, False
-    for step, path in found + ([(None, folder / "final.pt")] if (folder / "final.pt").is_file() else []):
+    checkpoints, config, ended = [], None, False
+    final = final_checkpoint(folder)
+    for step, path in found + ([(None, final)] if final.is_file() else []):
         checkpoint = read_checkpoint(path)
         training = TrainingState.of(checkpoint, path)
         if step is None:  # final.pt: kept only if it is newer than every periodic checkpoint
@@ -254,9 +253,13 @@ def read_run(folder: Path) -> Run:
         history = training.eval_history
         evaluated = bool(history) and history[-1][0] == step
         checkpoints.append(Checkpoint(path, step, float(history[-1][1]) if evaluated else None))
-        config, env_id = checkpoint["metadata"]["config"], checkpoint["metadata"]["env_id"]
-    return Run(folder.name, folder, int(config["seed"]), env_id, int(config["eval_episodes"]), tuple(checkpoints),
-               ended)
+        config = checkpoint_config(checkpoint)
+    return Run(folder.name, folder, config.seed, config.env, config.eval_episodes, tuple(checkpoints), ended)
+
+
+def seeding(run: Run, check_episodes: int) -> SACConfig:
+    """The settings train.py derives a run's evaluation and check seeds from (`evaluation_seed`, `check_seed`)."""
+    return SACConfig(seed=run.seed, eval_episodes=run.eval_episodes, target_episodes=check_episodes)
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -511,8 +514,9 @@ def seed_note(result: Replay, unseen_seed: int, unseen_episodes: int, check_epis
     clashes = []
     for run in result.runs:
         made = max((len(s.checks) for (name, _), s in result.stops.items() if name == run.name), default=0)
-        checks = set(range(run.seed + TARGET_SEED_OFFSET, run.seed + TARGET_SEED_OFFSET + made * check_episodes))
-        evals = set(range(run.seed + EVAL_SEED_OFFSET, run.seed + EVAL_SEED_OFFSET + run.eval_episodes))
+        seeds = seeding(run, check_episodes)
+        checks = set(range(check_seed(seeds, 0), check_seed(seeds, made)))
+        evals = set(range(evaluation_seed(seeds), evaluation_seed(seeds) + run.eval_episodes))
         kinds = {"training's one seeded reset": {run.seed}, "the periodic evaluations": evals,
                  "the checks": checks, "the unseen episodes": unseen}
         names = list(kinds)

@@ -29,8 +29,9 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EVAL_TAG = "eval/return_mean"
-TARGET_CHECK_TAG = "eval/target_check_mean"  # train.py's --target-episodes evaluations (100 episodes)
+from plumbing import CHECKPOINTS_DIR, final_checkpoint
+from sac_model import Tag
+
 AUC_POINTS = 20  # equally spaced env steps at which a search's objective averages the evaluation curve
 SEED_SEPARATOR = "__seed"
 BOOTSTRAP_RESAMPLES = 10_000
@@ -178,7 +179,7 @@ class CurveReader:
     later value wins. Each read parses only the events written since the previous one.
     """
 
-    def __init__(self, run_dir: str | Path, tag: str = EVAL_TAG) -> None:
+    def __init__(self, run_dir: str | Path, tag: str = Tag.EVAL_MEAN) -> None:
         self.run_dir, self.tag = Path(run_dir), tag
         self.accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every event
 
@@ -200,18 +201,19 @@ class CurveReader:
         return steps, np.array([by_step[step] for step in steps], dtype=np.float64)
 
 
-def load_eval_curve(run_dir: str | Path, tag: str = EVAL_TAG) -> tuple[np.ndarray, np.ndarray]:
+def load_eval_curve(run_dir: str | Path, tag: str = Tag.EVAL_MEAN) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values of `tag` (the evaluation return) in a TensorBoard run folder (empty if it has none)."""
     return CurveReader(run_dir, tag).read()
 
 
-def load_study(study_dir: str | Path, tag: str = EVAL_TAG, finished_only: bool = True) -> dict[str, list[Curve]]:
+def load_study(study_dir: str | Path, tag: str = Tag.EVAL_MEAN, finished_only: bool = True) -> dict[str, list[Curve]]:
     """The curves of `tag` of a study's runs (only the finished ones by default), by configuration (sorted) and seed."""
     study_dir = Path(study_dir)
     curves: dict[str, list[Curve]] = {}
     for run_dir in sorted((study_dir / "runs").glob("*/")):
         trial = parse_run_name(run_dir.name)
-        if trial is None or (finished_only and not (study_dir / "checkpoints" / run_dir.name / "final.pt").is_file()):
+        finished = final_checkpoint(study_dir / CHECKPOINTS_DIR / run_dir.name).is_file()
+        if trial is None or (finished_only and not finished):
             continue
         curves.setdefault(trial[0], []).append(Curve(trial[1], *load_eval_curve(run_dir, tag)))
     return {config: sorted(runs) for config, runs in sorted(curves.items())}
@@ -361,7 +363,7 @@ def load_search(study_dir: str | Path, budget: int, seeds: tuple[int, ...]) -> l
         name, runs = params_file.stem, curves.get(params_file.stem, [])
         step, objective, final_return = trial_progress(runs, budget)
         complete = [run.seed for run in runs] == sorted(seeds) and all(
-            (study_dir / "checkpoints" / run_name(name, seed) / "final.pt").is_file() for seed in seeds)
+            final_checkpoint(study_dir / CHECKPOINTS_DIR / run_name(name, seed)).is_file() for seed in seeds)
         trials.append(SearchTrial(name, json.loads(params_file.read_text()), step, objective, final_return, complete))
     return sorted(trials, key=lambda t: (t.complete, -math.inf if math.isnan(t.objective) else t.objective),
                   reverse=True)

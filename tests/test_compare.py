@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.compare import main, sign_test  # noqa: E402
 from lab.provenance import provenance  # noqa: E402
+from lab.records import solved_at, wall_minutes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,16 @@ def write_study(docs: Path, name: str, label: str, records: list[dict]) -> None:
 
 def test_sign_test_matches_the_binomial_tail():
     assert sign_test(5, 5) == pytest.approx(1 / 32) and sign_test(4, 5) == pytest.approx(6 / 32)
+
+
+def test_a_record_is_solved_at_its_last_check_by_train_pys_rule():
+    # The last check's mean minus 2 standard errors of 100 episodes (std 50): 210 - 10 reaches 200, 209 - 10 not.
+    assert solved_at(record(1, 50_000, True, last_check=210.0)) == 50_000
+    assert solved_at(record(1, 50_000, True, last_check=209.0)) is None
+    assert solved_at({**record(1, 50_000, True), "std_errors": 0.0, "checks": [[9, 200.0, 50.0]]}) == 9
+    assert solved_at({**record(1, 50_000, True), "target": None}) is None  # no target: never solved
+    assert solved_at({**record(1, 50_000, True), "checks": []}) is None
+    assert wall_minutes({"segments": [[0.0, 600.0], [1000.0, 1060.0]]}) == 11.0
 
 
 def test_each_configuration_is_judged_against_the_defaults_seed_by_seed(tmp_path: Path):
@@ -53,7 +64,8 @@ def test_each_configuration_is_judged_against_the_defaults_seed_by_seed(tmp_path
     assert rows["with_per"][8] == "40,000" and rows["with_per"][-1] == "with_per paid (5 of 5, sign test p = 0.031) |"
     assert rows["no_n_step"][2] == "unsolved at 300,000 (230)" and rows["no_n_step"][8] == "not reached"
     assert rows["no_n_step"][-1] == "the defaults' choice paid (5 of 5, sign test p = 0.031) |"
-    assert rows["with_lr_schedule"][-2] == "3 of 5" and rows["with_lr_schedule"][-1] == "no difference shown by 5 seeds |"
+    assert rows["with_lr_schedule"][-2] == "3 of 5"
+    assert rows["with_lr_schedule"][-1] == "no difference shown by 5 seeds |"
     # Seed by seed, steps over the defaults': 0.8 everywhere; 0.8, 1.2, 0.8, never, 0.98; never everywhere.
     assert (rows["defaults"][9], rows["with_per"][9], rows["with_lr_schedule"][9], rows["no_n_step"][9]) == (
         "-", "0.80", "0.98", "not reached")

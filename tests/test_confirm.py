@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
-from lab.confirm import parse_seeds  # noqa: E402
+from lab.launch import start, train_command  # noqa: E402
 from lab.provenance import provenance  # noqa: E402
+from lab.records import parse_seeds  # noqa: E402
 from sac_model import SACError, read_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +38,69 @@ def test_parse_seeds_accepts_ranges_and_lists_and_refuses_the_rest():
     for bad in ("", "a-b", "4,4", "3-"):
         with pytest.raises(SACError):
             parse_seeds(bad)
+
+
+def write(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_run_without_checkpoints_starts_new_once_a_killed_attempts_events_are_gone(tmp_path: Path):
+    flags = ["--seed", "3", "--run-name", "r"]
+    stale = write(tmp_path / "runs" / "r" / "events.out.tfevents.1")  # killed before its first checkpoint
+    other = write(tmp_path / "runs" / "other" / "events.out.tfevents.1")
+    write(tmp_path / "checkpoints" / "r" / ".lock")  # a lock is not a checkpoint
+    assert train_command(tmp_path, "r", flags) == [sys.executable, str(REPO / "train.py"), *flags]
+    assert not stale.parent.exists() and other.exists()
+
+
+def test_a_run_with_a_checkpoint_is_resumed_with_its_flags_or_restarted(tmp_path: Path):
+    flags = ["--seed", "3", "--run-name", "r"]
+    events = write(tmp_path / "runs" / "r" / "events.out.tfevents.1")
+    write(tmp_path / "checkpoints" / "r" / "step_000000200.pt")
+    train = [sys.executable, str(REPO / "train.py"), *flags]
+    assert train_command(tmp_path, "r", flags) == [*train, "--resume", "r"]
+    assert train_command(tmp_path, "r", flags, restart=True) == [*train, "--overwrite"]
+    assert events.exists()  # the resumed run's own events: train.py drops those after the checkpoint
+
+
+def test_a_started_process_appends_to_its_log_after_a_line_naming_it(tmp_path: Path):
+    log = tmp_path / "logs" / "r.log"
+    failing = [sys.executable, "-c", "import os; print('first'); print(os.getcwd()); raise SystemExit(3)"]
+    assert start(failing, tmp_path, log).wait() == (3, str(tmp_path))  # its exit code and last line, run in cwd
+    quiet = [sys.executable, "-c", "pass"]
+    assert start(quiet, tmp_path, log).wait() == (0, "(no output)")  # the earlier output is not its own
+    lines = [line for line in log.read_text().splitlines() if line]
+    assert [line.startswith("=== ") for line in lines] == [True, False, False, True]
+    assert lines[0].endswith(" " + shlex.join(failing)) and lines[3].endswith(" " + shlex.join(quiet))
+    assert lines[1:3] == ["first", str(tmp_path)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_process_started_to_die_with_its_parent_gets_sigterm_when_the_parent_ends(tmp_path: Path):
+    parent = ("import sys; from pathlib import Path; from lab.launch import start; "
+              "child = start([sys.executable, '-c', 'import time; time.sleep(60)'], Path('.'), Path('child.log'), "
+              "die_with_parent={}); print(child.process.pid)")
+    for dies in (True, False):
+        pid = int(subprocess.run([sys.executable, "-c", parent.format(dies)], cwd=tmp_path, capture_output=True,
+                                 text=True, env=ENV, timeout=60, check=True).stdout)
+        deadline = time.monotonic() + 10
+        while dies and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survived = alive(pid)
+        if survived:
+            os.kill(pid, signal.SIGKILL)
+        assert survived != dies
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, ended but not yet reaped, does not)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except FileNotFoundError:
+        return False
 
 
 def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(tmp_path: Path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab.provenance import machine, provenance
-from sac_model import git_commit
+from plumbing import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),

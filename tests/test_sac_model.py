@@ -10,10 +10,8 @@ import copy
 import dataclasses
 import inspect
 import math
-import os
 import pathlib
 import pickle
-import random
 import re
 import subprocess
 import sys
@@ -27,7 +25,9 @@ import torch.nn as nn
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
+import plumbing
 import sac_model
+from plumbing import find_checkpoint
 from sac_model import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -44,21 +44,16 @@ from sac_model import (
     SACConfig,
     SumTree,
     TrainingDivergedError,
-    TrainingState,
     TwinQNetwork,
     atomic_save,
-    capture_rng_state,
     check_checkpoint_fits_env,
     adam_,
     clip_grad_norm,
     init_adam_state,
-    find_checkpoint,
     make_env,
     mlp_trunk,
     per_beta,
-    prune_checkpoints,
     read_checkpoint,
-    restore_rng_state,
     tanh_gaussian_log_prob,
     target_return,
 )
@@ -922,20 +917,6 @@ def test_native_bf16_is_read_from_the_cpus_flags(tmp_path, flags, native):
     assert sac_model.native_bf16_cpu(tmp_path / "absent") is None
 
 
-@pytest.mark.parametrize("native, says", [(True, "native on this CPU"),
-                                          (False, "no AVX512-BF16 or AMX, so they are fp32 products of bf16-rounded"),
-                                          (None, "support is unknown: if emulated")])
-def test_the_precision_line_says_how_bf16_is_computed_here(monkeypatch, native, says):
-    monkeypatch.setattr(sac_model, "native_bf16_cpu", lambda: native)
-    assert says in sac_model.precision_line("bf16", torch.device("cpu"))
-    assert ("--precision fp32" in sac_model.precision_line("bf16", torch.device("cpu"))) is (native is None)
-    assert sac_model.precision_line("fp32", torch.device("cpu")).startswith("precision: fp32 (the default")
-    assert sac_model.precision_line("bf16", torch.device("cuda")) == "precision: bf16 matrix products on cuda (--precision bf16)"
-    assert sac_model.bf16_rounded_in_fp32("bf16", torch.device("cpu")) is (native is False)
-    assert not sac_model.bf16_rounded_in_fp32("fp32", torch.device("cpu"))
-    assert not sac_model.bf16_rounded_in_fp32("bf16", torch.device("cuda"))
-
-
 def test_bf16_rounded_in_fp32_gives_the_numbers_of_a_bf16_product_forward_and_backward():
     """The rounded fp32 product must round where torch's bf16 matmul does: operands and product forward,
     the incoming and outgoing gradients backward. Only the order of the fp32 sums differs, so an element
@@ -1113,13 +1094,13 @@ def test_checkpoint_metadata_and_weights_only_loading(tmp_path):
     assert checkpoint["metadata"] == meta
 
 
-def test_an_agent_saved_again_keeps_the_commit_that_trained_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(sac_model, "code_version", lambda: "1111111")
-    path = pendulum_agent().save(tmp_path / "trained.pt")
-    monkeypatch.setattr(sac_model, "code_version", lambda: "2222222")  # exported later, from newer code
+def test_an_agent_saved_again_keeps_the_commit_that_trained_it(tmp_path):
+    trained = pendulum_agent()
+    trained.trained_at_commit = "1111111"  # train.py sets it to the code's commit
+    path = trained.save(tmp_path / "trained.pt")
     exported = SACAgent.load(path).save(tmp_path / "exported.pt")
     assert read_checkpoint(exported)["metadata"]["git_commit"] == "1111111"
-    assert read_checkpoint(pendulum_agent().save(tmp_path / "new.pt"))["metadata"]["git_commit"] == "2222222"
+    assert read_checkpoint(pendulum_agent().save(tmp_path / "new.pt"))["metadata"]["git_commit"] is None
 
 
 # ============================================================================================
@@ -1337,27 +1318,13 @@ def test_checkpoint_refuses_missing_garbage_truncated_and_foreign_files(tmp_path
     assert SACAgent.load(real).obs_dim == 3
 
 
-def test_training_state_round_trips_and_says_why_a_resume_would_be_approximate(tmp_path):
-    assert TrainingState(buffer={}).resume_gap() is None
-    assert TrainingState(episode_finished=False, buffer={}).resume_gap() == "it was written mid-episode"
-    assert TrainingState().resume_gap() == "it holds no replay buffer (--no-save-buffer)"
-    assert TrainingState(episode_finished=False).resume_gap() == (
-        "it was written mid-episode and it holds no replay buffer (--no-save-buffer)")
-    state = TrainingState(global_step=1200, episode=6, eval_history=[[600, -1.0, 0.5]], run_name="r", buffer={})
-    path = pendulum_agent().save(tmp_path / "a.pt", {**state.to_dict(), "written_by_a_later_version": 1})
-    assert TrainingState.of(read_checkpoint(path), path) == state  # keys it does not know are left out
-    alone = pendulum_agent().save(tmp_path / "alone.pt")
-    with pytest.raises(CheckpointError, match="holds an agent but no training state"):
-        TrainingState.of(read_checkpoint(alone), alone)
-
-
 def test_buffer_kinds_are_named_once_and_reach_the_flag_the_validation_and_make_buffer(monkeypatch):
     class RecordingBuffer(ReplayBuffer):
         """A new kind of buffer: registering it is the one step that makes --buffer offer it."""
 
     monkeypatch.setitem(sac_model.REPLAY_BUFFERS, "recording", RecordingBuffer)
     parser = argparse.ArgumentParser()
-    sac_model.add_config_flags(parser)
+    plumbing.add_config_flags(parser)
     assert parser.parse_args(["--buffer", "recording"]).buffer == "recording"
     config = small_config(buffer="recording")
     config.validate()
@@ -1514,52 +1481,6 @@ def test_per_beta_anneals_over_the_total_steps_cap_when_given():
 # 15. Checkpoint files
 # ============================================================================================
 
-def _touch_with_mtime(path: Path, mtime: float) -> Path:
-    path.write_bytes(b"x")
-    os.utime(path, ns=(int(mtime * 1e9), int(mtime * 1e9)))
-    return path
-
-
-def test_prune_checkpoints_keeps_newest_periodic_and_final(tmp_path):
-    # mtime order = step order, which differs from lexicographic order (step_1000 < step_200 as text).
-    names = ["step_200.pt", "step_400.pt", "step_600.pt", "step_800.pt", "step_1000.pt", "step_1200.pt"]
-    for k, name in enumerate(names):
-        _touch_with_mtime(tmp_path / name, 1_000_000 + 10 * k)
-    _touch_with_mtime(tmp_path / "final.pt", 1_000_000 - 50)  # oldest of all, still kept
-    _touch_with_mtime(tmp_path / "notes.txt", 1_000_000 - 60)
-    _touch_with_mtime(tmp_path / ".step_1400.pt.4194999.tmp", 1_000_100)  # left by a killed writer: removed
-    own = _touch_with_mtime(tmp_path / f".final.pt.{os.getpid()}.tmp", 1_000_100)  # this process's: kept
-    prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["step_1000.pt", "step_1200.pt", "final.pt",
-                                                                 "notes.txt", own.name])
-    own.unlink()
-    prune_checkpoints(tmp_path, keep=5)  # fewer than keep: nothing more is deleted
-    assert len(list(tmp_path.iterdir())) == 4
-
-
-def test_find_checkpoint_resolves_file_folder_run_name_and_refuses_missing(tmp_path, monkeypatch):
-    run = tmp_path / "run1"
-    run.mkdir()
-    newest = _touch_with_mtime(run / "step_100.pt", 2_000_000)
-    _touch_with_mtime(run / "step_900.pt", 1_999_000)
-    _touch_with_mtime(run / "final.pt", 1_998_000)
-    _touch_with_mtime(run / ".final.pt.123.tmp", 2_100_000)  # a temporary file never counts
-    assert find_checkpoint(run / "final.pt") == run / "final.pt"
-    assert find_checkpoint(str(run / "step_900.pt")) == run / "step_900.pt"
-    assert find_checkpoint(run) == newest
-    monkeypatch.setattr(sac_model, "CHECKPOINTS_DIR", tmp_path)
-    assert find_checkpoint("run1") == newest
-    assert find_checkpoint(None) == newest
-    with pytest.raises(CheckpointError) as info:
-        find_checkpoint(tmp_path / "nope")
-    assert "nope" in str(info.value)
-    with pytest.raises(CheckpointError):
-        find_checkpoint("no_such_run")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError):
-        find_checkpoint(tmp_path / "empty")
-
-
 def test_atomic_save_leaves_previous_file_intact_when_save_fails(tmp_path):
     path = tmp_path / "ckpt" / "final.pt"
     atomic_save({"a": torch.arange(3)}, path)
@@ -1575,50 +1496,8 @@ def test_atomic_save_leaves_previous_file_intact_when_save_fails(tmp_path):
 
 
 # ============================================================================================
-# 16. RNG state
+# 16. CUDA
 # ============================================================================================
-
-def _draw(env: gym.Env) -> list:
-    return [random.random(), random.randint(0, 10 ** 9), np.random.random(4), np.random.normal(size=3),
-            torch.rand(4), torch.randn(3), env.reset()[0], env.action_space.sample(), env.reset()[0]]
-
-
-def _assert_same_draws(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y)
-        else:
-            np.testing.assert_array_equal(x, y)
-
-
-def test_rng_state_capture_restore_replays_every_generator(tmp_path):
-    env = make_env("Pendulum-v1")
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    env.reset(seed=4)
-    env.action_space.seed(5)
-    _draw(env)  # move every generator away from its seed
-    np.random.normal()  # leaves a cached gaussian in numpy's legacy state
-
-    state = capture_rng_state(env)
-    first = _draw(env)
-    second = _draw(env)
-    with pytest.raises(AssertionError):
-        _assert_same_draws(first, second)  # the draws do move on
-
-    restore_rng_state(state, env)
-    _assert_same_draws(_draw(env), first)
-
-    # The state is plain data: it survives weights_only serialisation and still restores exactly.
-    torch.save(state, tmp_path / "rng.pt")
-    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
-    _draw(env)
-    restore_rng_state(loaded, env)
-    _assert_same_draws(_draw(env), first)
-    env.close()
-
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replays_the_compiled_step_in_every_parameter_moment_and_metric(monkeypatch) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import random
@@ -22,7 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sac_model
 import train
-from sac_model import PRESETS, SACAgent, SACConfig, config_from_args, read_checkpoint
+from plumbing import code_version, config_from_args
+from sac_model import PRESETS, SACAgent, SACConfig, read_checkpoint
 from train import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +124,7 @@ def test_train_writes_tensorboard_tags_and_checkpoints(trained_run: Path) -> Non
     assert names == ["final.pt", "step_000000800.pt", "step_000001200.pt"]
     agent = SACAgent.load(trained_run / "checkpoints" / "small" / "final.pt")
     assert agent.env_id == "Pendulum-v1" and agent.config.hidden_size == 32
+    assert agent.trained_at_commit == code_version() and code_version() is not None  # the code that trained it
     training = read_checkpoint(trained_run / "checkpoints" / "small" / "final.pt")["training"]
     assert training["global_step"] == 1200 and training["episode"] == 6
     assert training["buffer"]["size"] == 1200  # n-step returns store every step, the last two at the episode's end
@@ -184,6 +187,24 @@ def assert_same_final_state(expected_run: Path, actual_run: Path) -> None:
     assert expected.keys() == actual.keys() and len(expected) > 20
     for name, tensor in expected.items():
         assert torch.equal(tensor, actual[name]), name
+
+
+def test_a_resume_changes_exactly_the_flags_declared_resumable_and_refuses_the_rest() -> None:
+    """Each SACConfig field declares whether --resume may change it: the refusal follows the declaration."""
+    checkpoint = {"metadata": {"config": dataclasses.asdict(SACConfig(run_name="r"))}}
+    changed = {"env": "Pendulum-v1", "buffer": "prioritized", "target_return": "none", "precision": "bf16",
+               "device": "cpu", "run_name": "other", "layer_norm": False, "compile": False, "save_buffer": False,
+               "cuda_graphs": True}
+    for field in dataclasses.fields(SACConfig):
+        value = changed.get(field.name, 7 if field.type in ("int", "int | None") else 0.5)
+        argv = ["--resume", "r", *([f"--{'no-' if value is False else ''}{field.name.replace('_', '-')}"]
+                                   if isinstance(value, bool) else [f"--{field.name.replace('_', '-')}", str(value)])]
+        args = parse_args(argv)
+        if field.metadata["resumable"]:
+            assert getattr(train.resumed_config(checkpoint, args, {field.name}), field.name) == value, field.name
+        else:
+            with pytest.raises(sac_model.SACError, match=f"--{field.name.replace('_', '-')} cannot change"):
+                train.resumed_config(checkpoint, args, {field.name})
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""benchmarks/time_to_solved.py: train.py's solved check run on SB3 models, rl-zoo3's hyperparameters read from
+"""lab.head_to_head: train.py's solved check run on SB3 models, rl-zoo3's hyperparameters read from
 the installed package, resumption and the page. No training beyond a few dozen one-step episodes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,16 +19,17 @@ pytest.importorskip("rl_zoo3", reason="the head-to-head benchmark: pip install -
 from rl_zoo3.exp_manager import ExperimentManager  # noqa: E402
 from stable_baselines3 import SAC  # noqa: E402
 
-import benchmarks.time_to_solved as time_to_solved  # noqa: E402
-from benchmarks.time_to_solved import (  # noqa: E402
+import lab.head_to_head as head_to_head  # noqa: E402
+from lab.head_to_head import (  # noqa: E402
     ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, main, make_check_callback,
-    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, side_by_side, summary,
-    train_peer, zoo_hyperparams, zoo_hyperparams_file,
+    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, side_by_side,
+    summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
 from sac_model import (  # noqa: E402
     EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, make_env, target_return,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_ID = "TimeToSolvedTiny-v0"
 SEED = 7
 
@@ -217,14 +220,14 @@ class Killed(Exception):
 
 
 def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, monkeypatch):
-    save = time_to_solved.save_resume_point
+    save = head_to_head.save_resume_point
 
     def save_then_die_at_step_20(model, *args) -> None:
         save(model, *args)
         if model.num_timesteps >= 20:
             raise Killed
 
-    monkeypatch.setattr(time_to_solved, "save_resume_point", save_then_die_at_step_20)
+    monkeypatch.setattr(head_to_head, "save_resume_point", save_then_die_at_step_20)
     with pytest.raises(Killed):  # started a minute ago: its wall time so far is over a minute
         train_peer("sac", SEED, 1, 40, tmp_path, time.time() - 60, TINY_ID, TINY_SAC, save_every_s=0)
     monkeypatch.undo()
@@ -298,6 +301,8 @@ def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "1 finished run(s)" in out and "0 to run" in out and "start" not in out
     assert "| sac | 1 | 50,001 |" in output.read_text() and not (tmp_path / "w").exists()
+    command = f"Command (the last): `python -m lab.head_to_head --algos sac --seeds 1 --output {output}"
+    assert command in output.read_text()
     args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w"), "ours_from": None})()
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
 
@@ -306,7 +311,7 @@ def test_ctrl_c_ends_the_study_with_one_line_that_says_how_to_resume(tmp_path: P
     def interrupted(study, pairs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(time_to_solved, "run", interrupted)
+    monkeypatch.setattr(head_to_head, "run", interrupted)
     try:
         main(["--algos", "sac", "--seeds", "1", "--output", str(tmp_path / "h2h.md"), "--work-dir", str(tmp_path)])
     except SystemExit as stop:
@@ -327,3 +332,21 @@ def test_two_study_processes_keep_each_others_rows(tmp_path: Path):
     sac_study.save()
     assert set(json.loads((tmp_path / "h2h.json").read_text())["rows"]) == {"tqc/1", "sac/1"}
     assert "| tqc | 1 |" in (tmp_path / "h2h.md").read_text()
+
+
+def test_a_peer_runs_as_this_modules_worker_in_the_repository_root(tmp_path: Path):
+    args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
+                             "threads": 1, "caps": parse_caps("2000")})()
+    command = Study(args, "cmd").process_command("sac", 3)
+    assert command == [sys.executable, "-m", "lab.head_to_head", "--worker", "sac", "--seeds", "3", "--threads", "1",
+                       "--cap", "2000", "--work-dir", str((tmp_path / "w" / "h2h_sac__seed3").resolve())]
+    # Started as the study starts it, with a second seed: the worker runs, and refuses it in one line.
+    refused = subprocess.run([*command, "--seeds", "3,4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr == "error: --worker trains one seed\n"
+
+
+def test_the_old_command_says_where_the_head_to_head_went():
+    moved = subprocess.run([sys.executable, "benchmarks/time_to_solved.py", "--algos", "sac"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert moved.returncode == 2 and moved.stdout == ""
+    assert moved.stderr == "benchmarks/time_to_solved.py moved: python -m lab.head_to_head --algos sac\n"
