@@ -308,6 +308,76 @@ def config_from_args(args: argparse.Namespace) -> SACConfig:
 
 
 
+# The thread chooser's clock, in update rounds: the other thread count is tried this many rounds after a switch,
+# then at twice the distance after each try that finds it no faster, up to THREAD_PROBE_MOST. On an idle 2-core
+# CPU a round on 1 thread costs 1.7x one on 2, so the tries cost well under 1% of a long run's updates.
+THREAD_PROBE_EVERY = 30
+THREAD_PROBE_MOST = 480
+# A count takes over when the other's rounds were this much slower: two counts about as fast stay put. The chosen
+# count gives way only after THREAD_SLOW_ROUNDS such rounds in a row: a neighbour stays, a hiccup does not.
+THREAD_SWITCH_MARGIN = 1.25
+THREAD_SLOW_ROUNDS = 2
+
+
+class ThreadChooser:
+    """The thread count of each update round when the run chooses it (--threads 0 on a CPU of several cores).
+
+    On all cores while the CPU is the run's own; on one while another process takes a core. Two threads whose
+    work meets at every parallel region wait a whole time slice at each for the one that was descheduled, so a
+    busy neighbour makes a round several times slower on two threads than on one (benchmarks/shared_cpu.py).
+    Each round's time is noted. The chosen count gives way to the other when its rounds are THREAD_SWITCH_MARGIN
+    times slower than the other's latest: after THREAD_SLOW_ROUNDS such rounds when a neighbour starts, since the
+    chosen count runs every round, and at the next try of the other count when it stops. The first round on a
+    count is not noted: it includes compiling the step for it. The counts agree to float32 rounding, not bit for
+    bit (tests/test_plumbing.py): a run whose count changes is reproducible to rounding only; --threads N fixes it.
+    """
+
+    def __init__(self, cores: int, probe_every: int = THREAD_PROBE_EVERY, probe_most: int = THREAD_PROBE_MOST) -> None:
+        self.cores, self.probe_every, self.probe_most = cores, probe_every, probe_most
+        self.chosen = cores
+        self.latest: dict[int, float] = {}
+        self.used: set[int] = set()
+        self.rounds = self.since_probe = self.slow_rounds = 0
+        self.interval = probe_every
+
+    def other(self, threads: int) -> int:
+        return 1 if threads == self.cores else self.cores
+
+    def next_round(self) -> int:
+        """The count the next round runs on: the chosen one, or the other one when it is due a try (and from
+        the second round on until it has a time, so that a CPU busy from the start is noticed at once)."""
+        self.rounds += 1
+        self.since_probe += 1
+        other = self.other(self.chosen)
+        if (self.rounds > 1 and other not in self.latest) or self.since_probe >= self.interval:
+            self.since_probe = 0
+            return other
+        return self.chosen
+
+    def first_on(self, threads: int) -> bool:
+        """Whether no round has run on this count yet (the step compiles for it)."""
+        return threads not in self.used
+
+    def record(self, threads: int, seconds: float) -> int | None:
+        """Note a round's time; the newly chosen count where the other count took over, else None."""
+        if self.first_on(threads):
+            self.used.add(threads)
+            return None
+        self.latest[threads] = seconds
+        other = self.other(self.chosen)
+        if len(self.latest) < 2:
+            return None
+        slower = self.latest[self.chosen] > THREAD_SWITCH_MARGIN * self.latest[other]
+        if threads == self.chosen:
+            self.slow_rounds = self.slow_rounds + 1 if slower else 0
+        if (threads == other and slower) or self.slow_rounds >= THREAD_SLOW_ROUNDS:
+            self.chosen, self.interval, self.since_probe, self.slow_rounds = other, self.probe_every, 0, 0
+            return other
+        if threads == other:  # a try that found the other count no faster: try it half as often
+            self.interval = min(2 * self.interval, self.probe_most)
+        return None
+
+
 def keep_freed_memory_mapped() -> None:
     """Ask glibc to reuse freed memory instead of returning it to the OS after every tensor.
 

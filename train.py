@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from plumbing import (
-    CHECKPOINTS_DIR, FINAL_CHECKPOINT, RUNS_DIR, OneLineErrorParser, TrainingState, add_config_flags,
+    CHECKPOINTS_DIR, FINAL_CHECKPOINT, RUNS_DIR, OneLineErrorParser, ThreadChooser, TrainingState, add_config_flags,
     capture_rng_state, code_version, config_from_args, fail, find_checkpoint, keep_freed_memory_mapped, lock_run,
     newest_intact_checkpoint, periodic_checkpoint_name, precision_line, prune_checkpoints, refuse_existing_run,
     remove_run_files, restore_rng_state,
@@ -34,11 +34,16 @@ from sac_model import (
     PRESETS, PRIORITIES, NStepCollector, ReplayBuffer, SACAgent, SACConfig, SACError, Tag, TrainingDivergedError,
     WriteError, check_checkpoint_fits_env, check_lower_bound, check_seed, checkpoint_config, env_threshold,
     evaluate_policy, evaluation_seed, flag, flat_dim, is_solved, make_buffer, make_env, read_checkpoint,
-    resolve_device, seed_everything, step_budget, target_return,
+    resolve_device, seed_everything, step_budget, stop_margin, target_return,
 )
 # After SIGTERM the run finishes its episode only if that takes at most this long, then stops at once: a
 # container or job scheduler sends SIGKILL after a grace period (Docker's default: 10 s).
 SIGTERM_GRACE_SECONDS = 5.0
+# Written to a file or a pipe, progress is a plain line this often (a terminal redraws one line in place).
+PLAIN_PROGRESS_SECONDS = 30.0
+# What the compile costs: benchmarks/resume_compile.py measures it (docs/performance.md#compiling).
+COMPILE_TIMES = ("about 30 s the first time on a machine, 20 s for a new --threads or a new env's network shapes, "
+                 "4 s once inductor's cache holds it")
 
 
 class StopNow(KeyboardInterrupt):
@@ -120,22 +125,41 @@ class Run:
     session_start: float = field(default_factory=time.perf_counter)
     session_start_step: int = 0
     compile_pending: bool = False  # torch.compile builds the step at its first call
+    threads: ThreadChooser | None = None  # None: --threads N, or a device or CPU where there is nothing to choose
 
 
 class ProgressDisplay:
     """The progress line: env steps, elapsed time, steps per second, the latest evaluation against the target
     and the checks so far. No time estimate: the cap it could be made against is rarely reached, and when a
-    run will be solved is what nobody knows."""
+    run will be solved is what nobody knows.
 
-    def __init__(self, config: SACConfig, start_step: int) -> None:
+    In a terminal, one line redrawn in place; written to a file or a pipe, a plain line every
+    PLAIN_PROGRESS_SECONDS, so that a log reads line by line.
+    """
+
+    def __init__(self, config: SACConfig, start_step: int, terminal: bool | None = None) -> None:
         self.config = config
         self.target = target_return(config)
-        self.bar = tqdm(initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                        bar_format="{n_fmt} env steps [{elapsed}, {rate_fmt}{postfix}]")
+        self.steps, self.first_step, self.facts = start_step, start_step, ""
+        self.started = self.last_line = time.monotonic()
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = tqdm(initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                        bar_format="{n_fmt} env steps [{elapsed}, {rate_fmt}{postfix}]") if terminal else None
 
     def step(self) -> None:
-        self.bar.update(1)
+        self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif time.monotonic() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.write_line()
+
+    def write_line(self) -> None:
+        """The progress line as a line of its own."""
+        self.last_line = time.monotonic()
+        elapsed = self.last_line - self.started
+        rate = (self.steps - self.first_step) / max(elapsed, 1e-9)
+        print(f"{self.steps:,} env steps [{tqdm.format_interval(elapsed)}, {rate:.1f} step/s"
+              f"{', ' + self.facts if self.facts else ''}]", file=sys.stderr, flush=True)
 
     def show(self, progress: TrainingState, recent_returns: deque) -> None:
         """Refresh the line's facts after an episode."""
@@ -146,10 +170,13 @@ class ProgressDisplay:
         if progress.target_checks:
             lower = lower_bound(progress.target_checks[-1], self.config)
             facts.append(f"checks {len(progress.target_checks)} (last lower bound {lower:.1f})")
-        self.bar.set_postfix_str(", ".join(facts), refresh=False)
+        self.facts = ", ".join(facts)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.facts, refresh=False)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -266,16 +293,21 @@ def restore_training_state(checkpoint: dict, path: Path, agent: SACAgent, buffer
 
 
 def stop_rule(config: SACConfig, budget: int) -> str:
-    """When the run ends, in words."""
+    """When the run ends, in words; a run that cannot stop early says why and which flag changes that."""
     cap = f"at most {budget:,} env steps"
     if config.episodes is not None:
         cap += f" or {config.episodes:,} episode{'s' if config.episodes != 1 else ''}"
     target = target_return(config)
-    if target is None or not config.eval_every:
-        return f"trains its whole budget, {cap} (no --target-return)"
+    if config.target_return == "none":
+        return f"trains its whole budget, {cap} (--target-return none)"
+    if target is None:
+        return (f"trains its whole budget, {cap}: {config.env} registers no solved threshold to stop at "
+                "(--target-return R stops it once a check clears R)")
+    if not config.eval_every:
+        return f"trains its whole budget, {cap}: --eval-every 0 makes no evaluation to stop at"
     threshold, named = env_threshold(config.env), ""
-    if config.target_return.startswith("auto") and threshold is not None:
-        offset = target - threshold
+    if threshold is not None and (config.target_return == "env" or config.target_return.startswith("auto")):
+        offset = stop_margin(config)
         named = (" (the env's solved threshold)" if offset == 0 else
                  f" (the env's solved threshold, {threshold:g}, {'plus' if offset > 0 else 'minus'} {abs(offset):g})")
     margin = (f"its mean minus {config.target_std_errors:g} standard errors" if config.target_std_errors
@@ -288,16 +320,24 @@ def stop_rule(config: SACConfig, budget: int) -> str:
 def announce(config: SACConfig, agent: SACAgent, budget: int, resumed: bool) -> None:
     """The run's first lines: what it is called, where it writes, what it runs on and when it stops."""
     threads = config.threads or torch.get_num_threads()
+    chosen = (" (1 while another process takes a core: --threads N fixes the count)" if chooses_threads(config, agent)
+              else "")
     print(f"run: {config.run_name} ({'resumed' if resumed else 'new'})\n"
           f"logs: {RUNS_DIR / config.run_name}/ (watch them with: tensorboard --logdir {RUNS_DIR})\n"
           f"checkpoints: {CHECKPOINTS_DIR / config.run_name}/ (every {config.checkpoint_every} episodes and the "
           f"final agent)\n"
-          f"device: {agent.device.type}, {threads} CPU thread{'s' if threads != 1 else ''}; gradient step: "
+          f"device: {agent.device.type}, {threads} CPU thread{'s' if threads != 1 else ''}{chosen}; gradient step: "
           f"{agent.step_runs}\n"
           f"{precision_line(config.precision, agent.device)}\n"
           f"the run {stop_rule(config, budget)}\n"
           "Ctrl-C finishes the current episode and saves a checkpoint that resumes exactly; a second Ctrl-C stops "
           "at once", flush=True)
+
+
+def chooses_threads(config: SACConfig, agent: SACAgent) -> bool:
+    """Whether the run picks each round's thread count itself: --threads 0 (the default), on a CPU of several
+    cores."""
+    return not config.threads and agent.device.type == "cpu" and torch.get_num_threads() > 1
 
 
 def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> Run:
@@ -332,7 +372,8 @@ def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitS
     return Run(config=config, agent=agent, buffer=buffer, collector=NStepCollector(config.n_step, config.gamma),
                env=env, eval_env=eval_env, writer=writer, progress=progress, display=display,
                stop=StopSignal(), next_reset_seed=first_reset_seed,
-               session_start_step=progress.global_step, compile_pending=agent.step_runs.startswith("compiled"))
+               session_start_step=progress.global_step, compile_pending=agent.step_runs.startswith("compiled"),
+               threads=ThreadChooser(torch.get_num_threads()) if chooses_threads(config, agent) else None)
 
 
 def close_quietly(writer: SummaryWriter) -> None:
@@ -382,27 +423,60 @@ def play_episode(run: Run, budget: int) -> Episode:
         if run.stop.requested and not run.stop.announced:
             run.stop.announce(run.config.max_steps - episode.length)
         if progress.global_step >= config.update_after and progress.global_step % config.update_every == 0:
-            if run.compile_pending:
-                tqdm.write("compiling the gradient step before the first update: 30-60 s the first time on a "
-                           "machine or at a new --threads, about 5 s once inductor's cache holds it")
-                run.compile_pending = False
             update_round(run)
     return episode
 
 
 def update_round(run: Run) -> None:
-    """The gradient steps owed to the last `update_every` env steps, then log the last one's metrics."""
+    """The gradient steps owed to the last `update_every` env steps, on this round's thread count; then log the
+    last one's metrics. A round in which torch.compile builds the step says so, and how long it took."""
     config, progress = run.config, run.progress
     step = progress.global_step
     gradient_steps = config.update_every * config.updates_per_step
+    threads = run.threads.next_round() if run.threads else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    compiling = compile_message(run, threads)
+    if compiling:
+        tqdm.write(compiling)
+    started = time.perf_counter()
     try:
         for batch in run.buffer.batches(gradient_steps, config.batch_size, step):
             metrics = run.agent.update(batch)
             run.buffer.after_update(batch, metrics)
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} at env step {step}") from None
+    seconds = time.perf_counter() - started
+    if compiling:
+        tqdm.write(f"gradient step compiled in {seconds:.0f} s")
+        run.compile_pending = False
+    if threads is not None:
+        note_round_time(run, threads, seconds)
     progress.updates += gradient_steps
     log_update_metrics(run, metrics, step)
+
+
+def compile_message(run: Run, threads: int | None) -> str | None:
+    """What the coming round compiles, if anything: the step at the first update, or for a second thread count."""
+    if run.compile_pending:
+        return f"compiling the gradient step before the first update: {COMPILE_TIMES}"
+    if threads is not None and run.threads.first_on(threads) and run.agent.step_runs.startswith("compiled"):
+        return (f"compiling the gradient step for {threads} thread{'s' if threads != 1 else ''} as well, to train "
+                f"on {threads} while that is faster (another process using the CPU): {COMPILE_TIMES}")
+    return None
+
+
+def note_round_time(run: Run, threads: int, seconds: float) -> None:
+    """Let the thread chooser see a round's time; say so when the faster count changes."""
+    chosen = run.threads.record(threads, seconds)
+    if chosen is None:
+        return
+    other = run.threads.other(chosen)
+    why = "another process is using the CPU" if chosen < other else "the CPU is free again"
+    tqdm.write(f"env step {run.progress.global_step:,}: update rounds run on {chosen} thread"
+               f"{'s' if chosen != 1 else ''} from now on ({why}: the latest round took "
+               f"{run.threads.latest[chosen]:.2f} s on {chosen}, {run.threads.latest[other]:.2f} s on {other}); "
+               "--threads N fixes the count")
 
 
 def log_update_metrics(run: Run, metrics: dict[str, torch.Tensor], step: int) -> None:
@@ -416,6 +490,7 @@ def log_update_metrics(run: Run, metrics: dict[str, torch.Tensor], step: int) ->
         run.writer.add_scalar(tag, value, step)
     for name, lr in run.agent.learning_rates().items():
         run.writer.add_scalar(Tag.learning_rate(name), lr, step)
+    run.writer.add_scalar(Tag.THREADS, torch.get_num_threads(), step)
     for tag, value in run.buffer.scalars(step).items():
         run.writer.add_scalar(tag, value, step)
 

@@ -2,6 +2,7 @@
 and the lines a run prints about its precision."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import plumbing
 import sac_model
 from plumbing import (
-    FINAL_CHECKPOINT, TrainingState, capture_rng_state, final_checkpoint, find_checkpoint, periodic_checkpoint_name,
+    FINAL_CHECKPOINT, ThreadChooser, TrainingState, capture_rng_state, final_checkpoint, find_checkpoint, periodic_checkpoint_name,
     periodic_checkpoints, precision_line, prune_checkpoints, restore_rng_state, run_state,
 )
 from sac_model import CheckpointError, SACAgent, SACConfig, make_env, read_checkpoint
@@ -155,3 +156,62 @@ def test_rng_state_capture_restore_replays_every_generator(tmp_path):
     restore_rng_state(loaded, env)
     _assert_same_draws(_draw(env), first)
     env.close()
+
+
+def run_rounds(chooser: ThreadChooser, rounds: int, seconds: dict[int, float]) -> str:
+    """Play `rounds` update rounds whose times depend on the thread count; the counts, as a string."""
+    counts = ""
+    for _ in range(rounds):
+        threads = chooser.next_round()
+        chooser.record(threads, seconds[threads])
+        counts += str(threads)
+    return counts
+
+
+def test_the_thread_chooser_runs_on_whichever_count_is_faster_and_tries_the_other_less_often_as_it_loses():
+    chooser = ThreadChooser(cores=2, probe_every=4, probe_most=16)
+    # Idle: round 1 compiles on 2 and rounds 2-3 on 1 (compile, then a timed round); then 2 threads, trying 1
+    # again after 4 rounds, then 8, then 16 at most.
+    idle = {2: 0.25, 1: 0.45}
+    assert run_rounds(chooser, 40, idle) == "211" + "222" + "1" + "2" * 7 + "1" + "2" * 15 + "1" + "2" * 9
+    assert chooser.chosen == 2 and chooser.interval == 16
+    # One slow round on 2 threads (a hiccup) changes nothing; a busy neighbour makes the rounds on 2 slower than
+    # 1.25x the last on 1 twice in a row, so 1 takes over, and 2 is tried again 4 rounds later (it loses, so 8
+    # rounds after that).
+    assert chooser.record(2, 1.20) is None and chooser.record(2, 0.25) is None and chooser.chosen == 2
+    busy = {2: 1.20, 1: 0.50}
+    assert run_rounds(chooser, 15, busy) == "22" + "111" + "2" + "1" * 7 + "2" + "1"
+    assert chooser.chosen == 1
+    # About as fast (within the margin): no switch back; clearly faster: back to all cores at the next try.
+    assert chooser.record(2, 0.45) is None and chooser.chosen == 1
+    assert chooser.record(2, 0.30) == 2 and chooser.chosen == 2 and chooser.other(2) == 1
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 CPU threads")
+def test_a_gradient_step_on_one_thread_and_on_two_agrees_to_rounding():
+    """What the thread chooser's switches cost a run's numbers: float32 rounding, not a different run."""
+    from sac_model import Batch, missing_compiler
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(obs=torch.randn(256, 8, generator=generator), actions=torch.rand(256, 2, generator=generator) * 2 - 1,
+                  rewards=torch.randn(256, generator=generator), next_obs=torch.randn(256, 8, generator=generator),
+                  terminated=torch.zeros(256), horizons=torch.ones(256), weights=torch.ones(256),
+                  indices=np.arange(256))
+    threads = torch.get_num_threads()
+    try:
+        for compiled in (False, True) if missing_compiler() is None else (False,):
+            agents = [SACAgent(8, -np.ones(2), np.ones(2), SACConfig(compile=compiled)) for _ in range(2)]
+            agents[1].load_state_dict(copy.deepcopy(agents[0].state_dict()))
+            before = agents[0].learned_tensors()[0].clone()
+            for agent, count in zip(agents, (1, 2)):
+                if compiled:
+                    agent.compile_update()
+                torch.set_num_threads(count)
+                for step in range(3):
+                    torch.manual_seed(step)
+                    agent.update(batch)
+            for one, two in zip(agents[0].learned_tensors(), agents[1].learned_tensors()):
+                torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+            moved = (agents[0].learned_tensors()[0] - before).abs().max()
+            assert moved > 1e-4  # the steps moved the weights far more than the threads' rounding
+    finally:
+        torch.set_num_threads(threads)

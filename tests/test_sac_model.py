@@ -1455,17 +1455,28 @@ def test_per_beta_anneals_linearly_to_one_and_stays():
 
 
 def test_target_return_auto_is_the_envs_reward_threshold_plus_n_and_none_turns_it_off():
-    assert SACConfig().target_return == "auto+60"
-    assert target_return(SACConfig()) == 260.0  # LunarLanderContinuous-v3 registers 200
+    assert SACConfig().target_return == "env"
+    assert target_return(SACConfig()) == 260.0  # LunarLanderContinuous-v3 registers 200; its margin is 60
+    assert target_return(SACConfig(target_return="auto+60")) == 260.0
     assert target_return(SACConfig(target_return="auto")) == 200.0
     assert target_return(SACConfig(target_return="auto-12.5")) == 187.5
     assert target_return(SACConfig(env="Pendulum-v1", target_return="auto+60")) is None
     assert target_return(SACConfig(env="Pendulum-v1")) is None  # registers no threshold
     assert target_return(SACConfig(target_return="none")) is None
     assert target_return(SACConfig(env="Pendulum-v1", target_return="-150.5")) == -150.5
-    for invalid in ("solved", "nan", "inf", "", "auto+", "auto60", "AUTO+60", "auto+nan"):
+    for invalid in ("solved", "nan", "inf", "", "auto+", "auto60", "AUTO+60", "auto+nan", "env+60"):
         with pytest.raises(ConfigError, match="--target-return"):
             SACConfig(target_return=invalid).validate()
+
+
+def test_the_envs_own_stop_target_adds_a_margin_only_where_a_study_chose_one():
+    """LunarLander's +60 is its own: MountainCar's threshold (90) sits near its best return (about 95: 100 at the
+    flag less the actions' cost), so a +60 there could never be met; Pendulum registers no threshold at all."""
+    assert sac_model.STOP_MARGINS == {"LunarLanderContinuous-v3": 60.0}
+    assert target_return(SACConfig(env="MountainCarContinuous-v0")) == 90.0
+    assert target_return(SACConfig(env="BipedalWalker-v3")) == 300.0
+    assert target_return(SACConfig(env="Pendulum-v1")) is None
+    assert target_return(SACConfig(env="MountainCarContinuous-v0", target_return="auto+60")) == 150.0  # as asked
 
 
 def test_per_beta_anneals_over_the_total_steps_cap_when_given():

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import sac_model
 import train
-from plumbing import code_version, config_from_args
+from plumbing import TrainingState, code_version, config_from_args
 from sac_model import PRESETS, SACAgent, SACConfig, read_checkpoint
 from train import parse_args
 
@@ -346,7 +347,8 @@ def test_the_first_lines_name_the_run_its_folders_the_device_and_the_stop_rule(t
     assert lines[2] == f"checkpoints: checkpoints/{name}/ (every 50 episodes and the final agent)"
     assert lines[3] == "device: cpu, 1 CPU thread; gradient step: eager"
     assert lines[4].startswith("precision: fp32")
-    assert lines[5] == "the run trains its whole budget, at most 50 env steps or 1 episode (no --target-return)"
+    assert lines[5] == ("the run trains its whole budget, at most 50 env steps or 1 episode: --eval-every 0 makes no "
+                        "evaluation to stop at")
     assert lines[6].startswith("Ctrl-C finishes the current episode")
     assert (tmp_path / "checkpoints" / name / "final.pt").is_file() and (tmp_path / "runs" / name).is_dir()
     default = train.stop_rule(SACConfig(), 300_000)
@@ -355,6 +357,22 @@ def test_the_first_lines_name_the_run_its_folders_the_device_and_the_stop_rule(t
                        "at most 300,000 env steps")
     assert train.stop_rule(SACConfig(target_return="auto"), 300_000).startswith(
         "stops at 200 (the env's solved threshold): once a 10-episode evaluation")
+    assert train.stop_rule(SACConfig(target_return="none"), 300_000) == (
+        "trains its whole budget, at most 300,000 env steps (--target-return none)")
+
+
+@pytest.mark.parametrize("env, says", [
+    ("Pendulum-v1", "the run trains its whole budget, at most 400 env steps: Pendulum-v1 registers no solved "
+                    "threshold to stop at (--target-return R stops it once a check clears R)"),
+    ("MountainCarContinuous-v0", "the run stops at 90 (the env's solved threshold): once a 10-episode evaluation"),
+])
+def test_the_first_lines_say_what_an_env_without_lunarlanders_margin_stops_at(tmp_path: Path, env, says) -> None:
+    """No threshold: the whole budget, and the flag that sets a target. A threshold near the env's best return
+    (MountainCar: 90 of about 95) is the target itself, not LunarLander's threshold + 60."""
+    result = run_script("train.py", tmp_path, *SMALL, "--env", env, "--total-steps", "400", "--eval-every", "10",
+                        "--run-name", "first_lines")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("the run ")][0].startswith(says)
 
 
 def _episode_events(run_dir: Path) -> list:
@@ -449,6 +467,37 @@ def test_visualize_without_checkpoints_shows_the_shipped_pretrained_lander(tmp_p
     assert f"episodes: {landed} at or above the reward threshold 200, {crashed} below 0" in result.stdout
 
 
+def test_a_default_run_tries_one_thread_beside_all_cores_and_logs_each_rounds_count(tmp_path: Path) -> None:
+    """--threads 0 (the default): round 1 on all cores, rounds 2-3 on one (its first time), then the faster."""
+    flags = [flag for flag in SMALL if flag not in ("--threads", "1")]
+    result = run_script("train.py", tmp_path, *flags, "--threads", "0", "--total-steps", "600", "--eval-every", "0",
+                        "--run-name", "chosen")
+    assert result.returncode == 0, result.stderr
+    cores = int(re.search(r"device: cpu, (\d+) CPU thread", result.stdout).group(1))
+    if cores == 1:
+        pytest.skip("torch sees one core here: there is no thread count to choose")
+    assert "CPU threads (1 while another process takes a core: --threads N fixes the count)" in result.stdout
+    counts = [int(event.value) for event in scalar_tags(tmp_path / "runs" / "chosen").Scalars("charts/threads")]
+    assert len(counts) == 8 and counts[:3] == [cores, 1, 1] and set(counts) == {cores, 1}
+
+
+def test_progress_written_to_a_file_is_a_plain_line_every_interval(monkeypatch, capsys) -> None:
+    """A log file gets whole lines (no carriage returns), one per PLAIN_PROGRESS_SECONDS, with the latest facts."""
+    monkeypatch.setattr(train, "PLAIN_PROGRESS_SECONDS", 0.0)
+    display = train.ProgressDisplay(SACConfig(), start_step=100, terminal=False)
+    display.step()
+    display.show(TrainingState(episode=3, eval_history=[[101, 12.5, 1.0]]), deque([5.0, 7.0]))
+    display.step()
+    monkeypatch.setattr(train, "PLAIN_PROGRESS_SECONDS", 3600.0)
+    display.step()  # within the interval: no line
+    display.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "\r" not in "".join(lines)
+    assert lines[0].startswith("101 env steps [00:00, ") and lines[0].endswith(" step/s]")
+    assert lines[1].startswith("102 env steps [") and lines[1].endswith(
+        "step/s, episode 3, return(10) 6.0, eval 12.5 (target 260)]")
+
+
 def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
     """A random policy scores about -1200 on Pendulum; SAC must reach better than -400 in 5000 steps.
 
@@ -460,6 +509,8 @@ def test_sac_learns_pendulum_within_a_small_step_budget(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     expected = "eager (no C++ compiler" if sac_model.missing_compiler() else "compiled (torch.compile, one graph)"
     assert f"gradient step: {expected}" in result.stdout
+    compiled = re.findall(r"gradient step compiled in (\d+) s", result.stdout)
+    assert len(compiled) == (0 if sac_model.missing_compiler() else 1), result.stdout
     assert "precision: fp32 (the default" in result.stdout
     history = read_checkpoint(tmp_path / "checkpoints" / "learn" / "final.pt")["training"]["eval_history"]
     first_mean, last_mean = history[0][1], history[-1][1]
