@@ -478,7 +478,7 @@ def test_a_default_run_tries_one_thread_beside_all_cores_and_logs_each_rounds_co
         pytest.skip("torch sees one core here: there is no thread count to choose")
     assert "CPU threads (1 while another process takes a core: --threads N fixes the count)" in result.stdout
     counts = [int(event.value) for event in scalar_tags(tmp_path / "runs" / "chosen").Scalars("charts/threads")]
-    assert len(counts) == 8 and counts[:3] == [cores, 1, 1] and set(counts) == {cores, 1}
+    assert len(counts) == 9 and counts[:3] == [cores, 1, 1] and set(counts) == {cores, 1}  # rounds at 200, ..., 600
 
 
 def test_progress_written_to_a_file_is_a_plain_line_every_interval(monkeypatch, capsys) -> None:
