@@ -125,6 +125,12 @@ class SACConfig:
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
     layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
+    critic: str = _option("twin", "critic kind: twin (the min of the critics' Q values, SAC's clipped double Q) or "
+                                  "tqc (truncated quantile critics: the pooled quantiles without the largest)",
+                          choices=lambda: tuple(CRITICS))
+    num_critics: int = _option(2, "critics in the ensemble")
+    quantiles: int = _option(25, "quantiles each critic predicts (--critic tqc)")
+    drop_quantiles: int = _option(2, "largest target quantiles dropped per critic (--critic tqc)")
     # Why each default has its value, with the value the design started from: docs/defaults.md and
     # docs/default_run.md; PRESETS["original"] keeps the starting values. tau, the learning rates,
     # start_steps, grad_clip and PER's values come from the hyperparameter search,
@@ -196,7 +202,7 @@ class SACConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
-        positive = ("hidden_size", "buffer_size", "batch_size", "n_step", "update_every", "updates_per_step",
+        positive = ("hidden_size", "num_critics", "quantiles", "buffer_size", "batch_size", "n_step", "update_every", "updates_per_step",
                     "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -228,6 +234,11 @@ class SACConfig:
                 and not TARGET_ABOVE_THRESHOLD.fullmatch(self.target_return)):
             raise ConfigError(f"--target-return must be a number, env, auto, auto+N (N a number) or none, got "
                               f"{self.target_return!r}")
+        if self.critic not in CRITICS:
+            raise ConfigError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if not 0 <= self.drop_quantiles < self.quantiles:
+            raise ConfigError(f"--drop-quantiles must be in [0, --quantiles), got {self.drop_quantiles} of "
+                              f"{self.quantiles}")
         if self.buffer not in REPLAY_BUFFERS:
             raise ConfigError(f"--buffer must be one of {', '.join(REPLAY_BUFFERS)}, got {self.buffer!r}")
         if self.cuda_graphs and not self.compile:
@@ -878,24 +889,25 @@ class GaussianPolicy(nn.Module):
         return torch.tanh(self(obs)[0])
 
 
-class TwinQNetwork(nn.Module):
-    """Two independent QNetworks evaluated as one ensemble: the same math in half the ops.
+class QEnsemble(nn.Module):
+    """Independent Q-networks evaluated as one ensemble: the same math in a fraction of the ops.
 
-    Each layer's weights are stacked on a leading critic axis, so one batched matmul serves both
-    critics. Parameters are never shared: critic i is slice i of every tensor (the tests check it against two separate critics).
-    The output has shape (num_critics, batch).
+    Each layer's weights are stacked on a leading critic axis, so one batched matmul serves every
+    critic. Parameters are never shared: critic i is slice i of every tensor (the tests check it against
+    separate critics). Each critic outputs `outputs` values of (s, a): one Q value, or a critic kind's
+    quantiles. The output has shape (critics, batch, outputs).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, layer_norm: bool = True,
                  num_critics: int = 2, matmul_dtype: torch.dtype = torch.float32,
-                 rounded_in_fp32: bool = False) -> None:
+                 rounded_in_fp32: bool = False, outputs: int = 1) -> None:
         super().__init__()
         self.num_critics = num_critics
         self.hidden_size = hidden_size
         self.layer_norm = layer_norm
         self.matmul_dtype = matmul_dtype  # of the hidden layers, as in HiddenLinear
         self.rounded_in_fp32 = rounded_in_fp32
-        widths = [obs_dim + action_dim, hidden_size, hidden_size, 1]
+        widths = [obs_dim + action_dim, hidden_size, hidden_size, outputs]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_critics, n_in, n_out)) for n_in, n_out in zip(widths, widths[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_critics, 1, n_out)) for n_out in widths[1:])
@@ -919,7 +931,88 @@ class TwinQNetwork(nn.Module):
                 x = F.layer_norm(x, (self.hidden_size,))
                 x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
             x = F.relu(x)
-        return torch.baddbmm(self.biases[2], x, self.weights[2]).squeeze(-1)
+        return torch.baddbmm(self.biases[2], x, self.weights[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Critic kinds (--critic)
+# --------------------------------------------------------------------------------------------
+
+class Critic:
+    """What a critic kind decides, given the ensemble's values of shape (critics, batch, outputs): how many
+    values each critic outputs, the values a target bootstraps from, each critic's loss, the value the policy
+    maximises and the TD error prioritized replay samples by.
+
+    Twin SAC's clipped double Q. A new kind subclasses it and enters CRITICS under its --critic name
+    (docs/developing.md#adding-a-critic); the gradient step and its metrics follow without further code.
+    """
+
+    def __init__(self, config: SACConfig) -> None:
+        self.num_critics = config.num_critics
+
+    @property
+    def outputs(self) -> int:
+        """Values per critic and (s, a)."""
+        return 1
+
+    def bootstrap_values(self, next_q: torch.Tensor) -> torch.Tensor:
+        """(batch, targets): what y bootstraps from, before discount and entropy: min_j Q'_j(s', a')."""
+        return next_q.min(0).values
+
+    def losses(self, q: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(critics,): E_w[(Q_j(s, a) - y)^2] for each critic j, importance-weighted over the batch."""
+        return (weights * (q - targets).squeeze(-1).pow(2)).mean(dim=1)
+
+    def policy_value(self, q: torch.Tensor) -> torch.Tensor:
+        """(batch,): the value of (s, a ~ pi) the actor maximises: min_j Q_j(s, a)."""
+        return q.min(0).values.squeeze(-1)
+
+    def td_errors(self, q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(batch,): mean over critics of |Q_j(s, a) - y|, the priority of each sample."""
+        return (q.mean(-1) - targets.mean(-1)).abs().mean(0)
+
+
+class TruncatedQuantileCritic(Critic):
+    """TQC (Kuznetsov et al., 2020): each critic predicts `--quantiles` quantiles of the return; the target
+    pools every critic's quantiles of (s', a'), sorts them and drops the `--drop-quantiles` largest per critic,
+    which controls overestimation more finely than a min over two critics. Each critic learns every kept
+    target atom by the quantile Huber loss; the policy maximises the mean of all quantiles.
+    """
+
+    def __init__(self, config: SACConfig) -> None:
+        super().__init__(config)
+        self.quantiles = config.quantiles
+        self.kept = config.num_critics * (config.quantiles - config.drop_quantiles)
+        # The quantile midpoints tau_i = (i + 1/2) / N, on the device of the values they meet.
+        self._midpoints = (torch.arange(config.quantiles, dtype=torch.float32) + 0.5) / config.quantiles
+
+    @property
+    def outputs(self) -> int:
+        return self.quantiles
+
+    def bootstrap_values(self, next_q: torch.Tensor) -> torch.Tensor:
+        pooled = next_q.permute(1, 0, 2).reshape(next_q.shape[1], -1)
+        return pooled.sort(dim=1).values[:, :self.kept]
+
+    def losses(self, q: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(critics,): the quantile Huber loss (kappa 1) of each critic's quantiles against every kept target
+        atom, averaged over quantiles and atoms, importance-weighted over the batch."""
+        delta = targets[None, :, None, :] - q[..., None]  # (critics, batch, quantiles, atoms)
+        abs_delta = delta.abs()
+        huber = torch.where(abs_delta > 1.0, abs_delta - 0.5, 0.5 * delta.pow(2))
+        midpoints = self._midpoints.to(q.device)[:, None]
+        per_sample = ((midpoints - (delta < 0).float()).abs() * huber).mean(dim=(2, 3))
+        return (weights * per_sample).mean(dim=1)
+
+    def policy_value(self, q: torch.Tensor) -> torch.Tensor:
+        return q.mean(dim=(0, 2))
+
+
+CRITICS: dict[str, type[Critic]] = {"twin": Critic, "tqc": TruncatedQuantileCritic}
+
+
+def make_critic(config: SACConfig) -> Critic:
+    return CRITICS[config.critic](config)
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, stacked: bool = False) -> list[torch.Tensor]:
@@ -980,7 +1073,8 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], state: list[dic
 # --------------------------------------------------------------------------------------------
 
 class SACAgent:
-    """Actor, twin critics with targets, learned temperature, their optimizers and LR schedules."""
+    """Actor, critics (of the --critic kind) with targets, learned temperature, their optimizers and LR
+    schedules."""
 
     def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
                  config: SACConfig | None = None, device: str | torch.device = "cpu",
@@ -999,9 +1093,9 @@ class SACAgent:
         self.products_rounded_in_fp32 = bf16_rounded_in_fp32(config.precision, self.device)
         self.actor = GaussianPolicy(obs_dim, self.action_dim, config.hidden_size, config.layer_norm,
                                     matmul_dtype, self.products_rounded_in_fp32).to(self.device)
-        self.critic = TwinQNetwork(obs_dim, self.action_dim, config.hidden_size, config.layer_norm,
-                                   matmul_dtype=matmul_dtype, rounded_in_fp32=self.products_rounded_in_fp32
-                                   ).to(self.device)
+        self.critic_kind = make_critic(config)
+        self.critic = QEnsemble(obs_dim, self.action_dim, config.hidden_size, config.layer_norm, config.num_critics,
+                                matmul_dtype, self.products_rounded_in_fp32, self.critic_kind.outputs).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.action_dim)
@@ -1102,31 +1196,33 @@ class SACAgent:
 
     def critic_targets(self, next_obs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
                        horizons: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """y = r + gamma^m (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(s').
+        """y = r + gamma^m (1 - terminated) (V'(s', a') - alpha log pi(a'|s')), a' ~ pi(s'), shape (batch, targets).
 
-        m is the transition's horizon: 1 for one-step SAC; for n-step returns r is the discounted sum
-        of the m rewards between s and s'.
+        V' is what the critic kind bootstraps from (the twin's min_j Q'_j, TQC's kept quantiles). m is the
+        transition's horizon: 1 for one-step SAC; for n-step returns r is the discounted sum of the m rewards
+        between s and s'.
         """
         next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise)
-        next_q = self.critic_target(next_obs, next_action).min(0).values
+        next_values = self.critic_kind.bootstrap_values(self.critic_target(next_obs, next_action))
         discount = torch.pow(self.config.gamma, horizons)
-        return rewards + discount * (1.0 - terminated) * (next_q - alpha * next_log_prob)
+        soft_values = next_values - (alpha * next_log_prob)[:, None]
+        return rewards[:, None] + (discount * (1.0 - terminated))[:, None] * soft_values
 
     def critic_loss(self, critic_params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
                     targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """sum_j E_w[(Q_j(s, a) - y)^2], importance-weighted; also each critic's loss and the Q values."""
+        """The sum of the critics' losses (the kind's, importance-weighted); also each critic's loss and the values."""
         q_values = torch.func.functional_call(self.critic, critic_params, (obs, actions))
-        losses = (weights * (q_values - targets).pow(2)).mean(dim=1)
+        losses = self.critic_kind.losses(q_values, targets, weights)
         return losses.sum(), (losses, q_values)
 
     def actor_loss(self, actor_params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor,
                    alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mean + std * noise); also log pi.
+        """E[alpha log pi(a|s) - Q(s, a)], a = tanh(mean + std * noise), Q the kind's policy value; also log pi.
 
         Differentiated with respect to the actor only: the gradient flows through the critics to the action.
         """
         action, log_prob = squashed_gaussian(*torch.func.functional_call(self.actor, actor_params, (obs,)), noise)
-        return (alpha * log_prob - self.critic(obs, action).min(0).values).mean(), log_prob
+        return (alpha * log_prob - self.critic_kind.policy_value(self.critic(obs, action))).mean(), log_prob
 
     def alpha_loss(self, log_alpha: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
         """-E[log alpha (log pi + target entropy)]: raises alpha when entropy is below target, lowers it above."""
@@ -1177,7 +1273,7 @@ class SACAgent:
         graph of it. `noise` holds the standard-normal draws for a' ~ pi(s') and a ~ pi(s);
         `learning_rates` those of the actor, critic and temperature optimizers. Returns 0-dim metric
         tensors keyed by the TensorBoard tag train.py logs each under (a new metric here is logged
-        without further code), and PRIORITIES (mean |TD error| of the two critics + 1e-6, one per sample).
+        without further code), and PRIORITIES (the kind's TD error + 1e-6, one per sample).
         """
         actor_lr, critic_lr, alpha_lr = learning_rates
         alpha = self.log_alpha.exp()
@@ -1205,7 +1301,7 @@ class SACAgent:
             Tag.MEAN_Q: q_values.mean(),
             Tag.ENTROPY: -log_prob.mean(),
             Tag.N_STEP_HORIZON: horizons.mean(),
-            PRIORITIES: (q_values - targets).abs().mean(0) + PRIORITY_EPS,
+            PRIORITIES: self.critic_kind.td_errors(q_values, targets) + PRIORITY_EPS,
         }
 
     def _adam_step(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
@@ -1417,10 +1513,15 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+# Fields a checkpoint may predate, with the value that gives the design such a checkpoint was trained with
+# (not today's default, which may change).
+FIELDS_ADDED_LATER = {"critic": "twin", "num_critics": 2}
+
+
 def checkpoint_config(checkpoint: dict) -> SACConfig:
     """The config a checkpoint from `read_checkpoint` was trained with: the one place that reads it."""
     try:
-        return SACConfig(**checkpoint["metadata"]["config"])
+        return SACConfig(**(FIELDS_ADDED_LATER | checkpoint["metadata"]["config"]))
     except (TypeError, KeyError) as error:
         raise CheckpointError(f"checkpoint config does not fit this code: {_first_line(error)}") from None
 

@@ -15,4 +15,6 @@ VARIANTS = {
     "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
     # The default before the run stopped at 260: the first check that clears the env's solved threshold.
     "stop_at_200": ["--target-return", "auto"],
+    # Critic kinds other than the twin (docs/critics.md).
+    "tqc": ["--critic", "tqc"],
 }

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unseen-episodes", type=int, default=100, help="unseen episodes per final agent")
     parser.add_argument("--stop-after-unsolved", type=int, default=0,
                         help="start no new seed once this many have ended unsolved (a rule already lost); 0: never")
+    parser.add_argument("--baseline", default=None,
+                        help="a finished study of this kind on the same seeds (its docs/studies/<name>.json), e.g. "
+                             "today's default: each seed's row is compared with its row there")
+    parser.add_argument("--stop-after-losses", type=int, default=0,
+                        help="with --baseline: start no new seed once this many seeds were solved later than in the "
+                             "baseline, or not at all (a pilot's sequential rule: drop a design at its second loss); "
+                             "0: never")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "studies",
                         help="where <name>.md, .png and .json (the results, for resuming anywhere) go")
     parser.add_argument("--commit", action="store_true", help="git-commit <name>.md, .png and .json after each row")
@@ -67,6 +74,7 @@ class Study:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.results_path = args.docs_dir / f"{name}.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        self.baseline = baseline_records(args.docs_dir, args.baseline) if args.baseline else {}
 
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,46 @@ class Study:
         print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
 
 
+def baseline_records(docs_dir: Path, name: str) -> dict[int, dict]:
+    """The finished records of study `name`, by seed."""
+    path = docs_dir / f"{name}.json"
+    if not path.is_file():
+        raise SACError(f"--baseline {name}: no results file {path}")
+    records = json.loads(path.read_text()).values()
+    return {record["seed"]: record for record in records if "unseen" in record}
+
+
+def steps_to_solved(record: dict) -> float:
+    """Env steps to the passing check; infinite for a run that never passed one."""
+    step = solved_at(record)
+    return float("inf") if step is None else float(step)
+
+
+def lost(record: dict, baseline: dict[int, dict]) -> bool:
+    """Solved later than the baseline on the same seed, or not at all where the baseline was; a seed the baseline
+    never ran is no loss."""
+    other = baseline.get(record["seed"])
+    return other is not None and steps_to_solved(record) > steps_to_solved(other)
+
+
+def baseline_lines(study: "Study", records: list[dict]) -> list[str]:
+    """The table of each finished seed against the baseline's row, and the count of losses."""
+    compared = [r for r in records if r["seed"] in study.baseline]
+    if not compared:
+        return []
+    lines = ["", f"Against `{study.args.baseline}` on the same seeds (env steps to the passing check):", "",
+             "| seed | this study | baseline | ratio | lost |", "| --- | --- | --- | --- | --- |"]
+    for record in compared:
+        ours, theirs = steps_to_solved(record), steps_to_solved(study.baseline[record["seed"]])
+        ratio = ours / theirs if np.isfinite(ours) and np.isfinite(theirs) else float("nan")
+        cells = [f"{x:,.0f}" if np.isfinite(x) else "not solved" for x in (ours, theirs)]
+        lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | "
+                     f"{'-' if np.isnan(ratio) else f'{ratio:.2f}'} | {'yes' if lost(record, study.baseline) else 'no'} |")
+    losses = sum(lost(r, study.baseline) for r in compared)
+    lines += ["", f"Lost on {losses} of {len(compared)} seeds."]
+    return lines
+
+
 def row_cells(record: dict) -> list[str]:
     unseen = np.asarray(record["unseen"])
     step = solved_at(record)
@@ -151,7 +199,9 @@ def page(study: Study, seeds: list[int]) -> str:
     command = f"python -m lab.confirm --name {study.name} --seeds {args.seeds}" + (
         f" --config {args.config}" if args.config else "") + (
         f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
-        f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "")
+        f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "") + (
+        f" --baseline {args.baseline}" if args.baseline else "") + (
+        f" --stop-after-losses {args.stop_after_losses}" if args.stop_after_losses else "")
     lines = [f"# Study `{study.name}`", "", provenance(), "",
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
              f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time "
@@ -171,6 +221,7 @@ def page(study: Study, seeds: list[int]) -> str:
                   f"{'not reached' if np.isinf(median_steps) else f'{median_steps:,.0f}'} (unsolved count as never); "
                   f"wall time median {np.median(minutes):.1f} min, slowest {max(minutes):.1f} min; final agents on "
                   f"unseen episodes: median {np.median(unseen):.1f}, lowest {min(unseen):.1f}."]
+    lines += baseline_lines(study, records)
     lines += ["", "Solved: the run stopped at a check (100 deterministic episodes it had not played) whose mean "
               "minus the configured number of standard errors reached the target. Wall time: the train.py process, "
               "compile included (a resumed run adds its second start). Crashes: unseen episodes that ended with the "
@@ -196,15 +247,17 @@ def run(study: Study, seeds: list[int]) -> None:
     runs too: each stops at the end of its episode with a checkpoint, which the same command resumes from."""
     waiting = [s for s in seeds if not study.finished(s)]
     running: dict[int, subprocess.Popen] = {}
-    unsolved = sum(solved_at(study.record(s)) is None for s in seeds if study.finished(s))
+    finished = [study.record(s) for s in seeds if study.finished(s)]
+    unsolved = sum(solved_at(record) is None for record in finished)
+    losses = sum(lost(record, study.baseline) for record in finished)
     try:
         while waiting or running:
-            limit = study.args.stop_after_unsolved
-            while waiting and len(running) < study.args.concurrent and not (limit and unsolved >= limit):
+            stop = stop_reason(study.args, unsolved, losses)
+            while waiting and len(running) < study.args.concurrent and not stop:
                 seed = waiting.pop(0)
                 running[seed] = study.start(seed)
             if not running:
-                print(f"stopped: {unsolved} seeds ended unsolved (--stop-after-unsolved {limit})", flush=True)
+                print(f"stopped: {stop}", flush=True)
                 return
             time.sleep(5)
             for seed, process in list(running.items()):
@@ -214,6 +267,7 @@ def run(study: Study, seeds: list[int]) -> None:
                 study.finish(seed, process.returncode)
                 record = study.record(seed)
                 unsolved += solved_at(record) is None
+                losses += lost(record, study.baseline)
                 paths = write_report(study, seeds)
                 if study.args.commit:
                     commit(paths, f"{study.name}: seed {seed} finished ({' | '.join(row_cells(record))})")
@@ -221,6 +275,15 @@ def run(study: Study, seeds: list[int]) -> None:
         for process in running.values():
             wait_for_checkpoint(process)
         raise
+
+
+def stop_reason(args: argparse.Namespace, unsolved: int, losses: int) -> str | None:
+    """Why no new seed may start (a rule already lost), or None."""
+    if args.stop_after_unsolved and unsolved >= args.stop_after_unsolved:
+        return f"{unsolved} seeds ended unsolved (--stop-after-unsolved {args.stop_after_unsolved})"
+    if args.stop_after_losses and losses >= args.stop_after_losses:
+        return f"{losses} seeds lost against {args.baseline} (--stop-after-losses {args.stop_after_losses})"
+    return None
 
 
 def wait_for_checkpoint(process: subprocess.Popen) -> None:
@@ -238,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         if args.concurrent <= 0 or args.unseen_episodes <= 0:
             raise SACError("--concurrent and --unseen-episodes must be positive")
+        if args.stop_after_losses and not args.baseline:
+            raise SACError("--stop-after-losses counts losses against a --baseline: name one")
         study = Study(args.name, args)
         if not args.report_only:
             run(study, seeds)

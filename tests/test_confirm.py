@@ -145,6 +145,38 @@ def test_the_stop_rule_starts_no_seed_after_the_last_unsolved_one_it_allows(tmp_
     assert "| 1 | not solved (400) |" in page and "Solved: 0 of 1" in page
 
 
+def baseline_record(seed: int, solved_at: int) -> dict:
+    """A finished lab.confirm record solved at its one check, at env step `solved_at`."""
+    return {"seed": seed, "segments": [[0.0, 60.0]], "checks": [[solved_at, 0.0, 1.0]], "target": -10000.0,
+            "target_episodes": 2, "std_errors": 2.0, "steps": solved_at, "updates": 0, "unseen": [0.0]}
+
+
+def test_a_pilot_stops_at_its_second_loss_against_the_baseline_on_the_same_seeds(tmp_path: Path):
+    # The baseline solved seed 1 at step 100 and seed 2 at 100 (both earlier than this pilot's 200); seed 3 was
+    # never reached.
+    (tmp_path / "docs").mkdir()
+    baseline = {f"defaults__seed{seed}": baseline_record(seed, 100) for seed in (1, 2, 3)}
+    (tmp_path / "docs" / "today.json").write_text(json.dumps(baseline))
+    result = confirm(tmp_path, "--name", "pilot_tqc", "--seeds", "1-3", "--concurrent", "1", "--config", "tqc",
+                     "--baseline", "today", "--stop-after-losses", "2", "--train-args", f"{TINY} --target-return -10000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("start tqc__seed") == 2 and "stopped: 2 seeds lost against today" in result.stdout
+    final = tmp_path / "studies" / "pilot_tqc" / "checkpoints" / "tqc__seed1" / "final.pt"
+    assert read_checkpoint(final)["metadata"]["config"]["critic"] == "tqc"
+    page = (tmp_path / "docs" / "pilot_tqc.md").read_text()
+    assert "| 1 | 200 | 100 | 2.00 | yes |" in page and "Lost on 2 of 2 seeds." in page
+    assert "--baseline today --stop-after-losses 2" in page
+
+    # A seed solved as early as the baseline is no loss.
+    (tmp_path / "docs" / "today.json").write_text(json.dumps({"defaults__seed4": baseline_record(4, 200)}))
+    tie = confirm(tmp_path, "--name", "tie", "--seeds", "4", "--baseline", "today", "--stop-after-losses", "1",
+                  "--train-args", f"{TINY} --target-return -10000")
+    assert tie.returncode == 0, tie.stderr
+    assert "| 4 | 200 | 200 | 1.00 | no |" in (tmp_path / "docs" / "tie.md").read_text()
+    refused = confirm(tmp_path, "--name", "x", "--seeds", "4", "--stop-after-losses", "1")
+    assert refused.returncode == 2 and "name one" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_an_ablation_configuration_runs_with_its_flags_under_its_own_label(tmp_path: Path):
     result = confirm(tmp_path, "--name", "ablation", "--seeds", "5", "--config", "no_n_step", "--train-args",
                      f"{TINY} --target-return -10000")

@@ -44,7 +44,7 @@ from sac_model import (
     SACConfig,
     SumTree,
     TrainingDivergedError,
-    TwinQNetwork,
+    QEnsemble,
     atomic_save,
     check_checkpoint_fits_env,
     adam_,
@@ -710,7 +710,7 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
                                        torch.randn(2, 32, 1)[0], agent.alpha)
     torch.manual_seed(7)  # the update draws the same noise, the next actions' first
     metrics = agent.update(batch)
-    expected = (q_before - targets).abs().mean(0) + sac_model.PRIORITY_EPS
+    expected = (q_before - targets).abs().mean(0).squeeze(-1) + sac_model.PRIORITY_EPS
     torch.testing.assert_close(metrics["priorities"], expected, rtol=0, atol=1e-7)  # tight enough to see the 1e-6
     torch.testing.assert_close(metrics["losses/critic1"], (q_before[0] - targets).pow(2).mean())
 
@@ -724,11 +724,11 @@ def test_critic_targets_bootstrap_only_when_not_terminated_discounted_by_gamma_t
     torch.manual_seed(1)
     with torch.no_grad():
         targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons,
-                                       torch.randn(16, 1), agent.alpha)
+                                       torch.randn(16, 1), agent.alpha).squeeze(-1)
     torch.manual_seed(1)
     with torch.no_grad():
         next_action, next_log_prob = agent.actor.sample(batch.next_obs)
-        soft = agent.critic_target(batch.next_obs, next_action).min(0).values - agent.alpha * next_log_prob
+        soft = agent.critic_target(batch.next_obs, next_action).min(0).values.squeeze(-1) - agent.alpha * next_log_prob
     torch.testing.assert_close(targets[::2], batch.rewards[::2])
     one_step, three_step = slice(1, None, 4), slice(3, None, 4)
     torch.testing.assert_close(targets[one_step], batch.rewards[one_step] + 0.9 * soft[one_step])
@@ -1108,7 +1108,7 @@ def test_an_agent_saved_again_keeps_the_commit_that_trained_it(tmp_path):
 # ============================================================================================
 
 class QNetwork(nn.Module):
-    """One critic as a plain MLP on the concatenated state and action: the oracle TwinQNetwork is checked
+    """One critic as a plain MLP on the concatenated state and action: the oracle QEnsemble is checked
     against (the agent itself only ever uses the ensemble)."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_size: int, layer_norm: bool) -> None:
@@ -1120,11 +1120,11 @@ class QNetwork(nn.Module):
         return self.head(self.trunk(torch.cat([obs, action], dim=-1))).squeeze(-1)
 
 
-def twin_from_q_networks(networks: list[QNetwork]) -> TwinQNetwork:
+def twin_from_q_networks(networks: list[QNetwork]) -> QEnsemble:
     """An ensemble holding copies of the given critics' parameters: critic i is slice i of every tensor."""
     first_linear = networks[0].trunk[0]
     layer_norm = any(isinstance(m, nn.LayerNorm) for m in networks[0].trunk)
-    ensemble = TwinQNetwork(first_linear.in_features, 0, first_linear.out_features, layer_norm, len(networks))
+    ensemble = QEnsemble(first_linear.in_features, 0, first_linear.out_features, layer_norm, len(networks))
     with torch.no_grad():
         for i, net in enumerate(networks):
             linears = [m for m in net.trunk if isinstance(m, nn.Linear)] + [net.head]
@@ -1161,7 +1161,8 @@ def test_twin_q_network_matches_separate_critics_outputs_and_gradients(layer_nor
     coeffs = torch.randn(2, 40, generator=g)
 
     out = twin(obs, action)
-    assert out.shape == (2, 40)
+    assert out.shape == (2, 40, 1)
+    out = out.squeeze(-1)
     separate = torch.stack([net(obs, action) for net in nets])
     torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
 
@@ -1208,7 +1209,7 @@ def test_bf16_precision_rounds_only_the_hidden_products_and_keeps_fp32_outputs()
 
 
 def test_twin_q_network_critics_are_independent():
-    twin = TwinQNetwork(3, 1, HIDDEN, True)
+    twin = QEnsemble(3, 1, HIDDEN, True)
     obs, action = torch.randn(8, 3), torch.randn(8, 1)
     twin(obs, action)[0].sum().backward()
     for p in twin.parameters():
@@ -1236,7 +1237,7 @@ def test_clip_grad_norm_per_member_matches_separate_clipping(max_norm):
     g = torch.Generator().manual_seed(1)
     obs, action = torch.randn(32, obs_dim, generator=g), torch.randn(32, action_dim, generator=g)
     scales = torch.tensor([[30.0], [0.3]])  # critic 0 gets large gradients, critic 1 small ones
-    (twin(obs, action) * scales).pow(2).sum().backward()
+    (twin(obs, action).squeeze(-1) * scales).pow(2).sum().backward()
     for i, net in enumerate(nets):
         (net(obs, action) * scales[i]).pow(2).sum().backward()
 
