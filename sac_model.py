@@ -125,12 +125,15 @@ class SACConfig:
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
     layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
-    critic: str = _option("twin", "critic kind: twin (the min of the critics' Q values, SAC's clipped double Q) or "
-                                  "tqc (truncated quantile critics: the pooled quantiles without the largest)",
+    critic: str = _option("twin", "critic kind: twin (the min of the critics' Q values, SAC's clipped double Q), "
+                                  "tqc (truncated quantile critics: the pooled quantiles without the largest) or "
+                                  "crossq (batch-renormalised critics without target networks)",
                           choices=lambda: tuple(CRITICS))
     num_critics: int = _option(2, "critics in the ensemble")
     quantiles: int = _option(25, "quantiles each critic predicts (--critic tqc)")
     drop_quantiles: int = _option(2, "largest target quantiles dropped per critic (--critic tqc)")
+    policy_delay: int = _option(1, "critic steps per policy and temperature step (CrossQ's paper: 3)")
+    adam_beta1: float = _option(0.9, "Adam's first-moment decay for every optimizer (CrossQ's paper: 0.5)")
     # Why each default has its value, with the value the design started from: docs/defaults.md and
     # docs/default_run.md; PRESETS["original"] keeps the starting values. tau, the learning rates,
     # start_steps, grad_clip and PER's values come from the hyperparameter search,
@@ -202,7 +205,7 @@ class SACConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid value."""
-        positive = ("hidden_size", "num_critics", "quantiles", "buffer_size", "batch_size", "n_step", "update_every", "updates_per_step",
+        positive = ("hidden_size", "num_critics", "quantiles", "policy_delay", "buffer_size", "batch_size", "n_step", "update_every", "updates_per_step",
                     "lr_step_episodes", "eval_episodes", "target_episodes", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -224,6 +227,8 @@ class SACConfig:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than --buffer-size {self.buffer_size}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ConfigError(f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}")
         if not 0 < self.tau <= 1:
             raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
         if not 0 < self.lr_gamma <= 1:
@@ -922,16 +927,82 @@ class QEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
         for layer in range(2):
-            if self.matmul_dtype == torch.float32:
-                x = torch.baddbmm(self.biases[layer], x, self.weights[layer])
-            else:
-                product = low_precision_product(x, self.weights[layer], self.matmul_dtype, self.rounded_in_fp32)
-                x = product + self.biases[layer]
+            x = self.hidden_linear(layer, x)
             if self.layer_norm:
                 x = F.layer_norm(x, (self.hidden_size,))
                 x = torch.addcmul(self.norm_biases[layer], x, self.norm_weights[layer])
             x = F.relu(x)
         return torch.baddbmm(self.biases[2], x, self.weights[2])
+
+    def hidden_linear(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Hidden layer `layer`'s affine map of every critic at once, its product in --precision's dtype."""
+        if self.matmul_dtype == torch.float32:
+            return torch.baddbmm(self.biases[layer], x, self.weights[layer])
+        return low_precision_product(x, self.weights[layer], self.matmul_dtype, self.rounded_in_fp32) + self.biases[layer]
+
+
+class EnsembleBatchRenorm(nn.Module):
+    """Batch renormalisation (Ioffe, 2017) of each critic's features, as sb3-contrib's BatchRenorm computes it.
+
+    With `statistics` (a list, training), x is normalised by its batch statistics, corrected towards the running
+    ones after `warmup_steps` training passes (r clipped to [1/3, 3], d to [-5, 5]), and the batch's mean and
+    variance are appended to the list, for `update_statistics` to fold into the running ones after the step:
+    inside a gradient transform nothing captured may be written. Without it, x is normalised by the running
+    statistics: how the critics value the policy's actions. Shapes: (critics, batch, features).
+    """
+
+    def __init__(self, num_critics: int, features: int, momentum: float = 0.01, eps: float = 1e-3,
+                 warmup_steps: int = 100_000) -> None:
+        super().__init__()
+        self.momentum, self.eps, self.warmup_steps = momentum, eps, warmup_steps
+        self.r_max, self.d_max = 3.0, 5.0
+        self.scale = nn.Parameter(torch.ones(num_critics, 1, features))
+        self.bias = nn.Parameter(torch.zeros(num_critics, 1, features))
+        self.register_buffer("running_mean", torch.zeros(num_critics, 1, features))
+        self.register_buffer("running_var", torch.ones(num_critics, 1, features))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, statistics: list | None = None) -> torch.Tensor:
+        if statistics is None:
+            mean, var = self.running_mean, self.running_var
+        else:
+            batch_mean, batch_var = x.mean(dim=1, keepdim=True), x.var(dim=1, keepdim=True)
+            running_std = (self.running_var + self.eps).sqrt()
+            r = ((batch_var + self.eps).sqrt() / running_std).detach().clamp(1 / self.r_max, self.r_max)
+            d = ((batch_mean - self.running_mean) / running_std).detach().clamp(-self.d_max, self.d_max)
+            renormalised = self.steps > self.warmup_steps
+            mean = torch.where(renormalised, batch_mean - d * batch_var.sqrt() / r, batch_mean)
+            var = torch.where(renormalised, batch_var / r.pow(2), batch_var)
+            statistics.append((batch_mean.detach(), batch_var.detach()))
+        return self.scale * (x - mean) / (var + self.eps).sqrt() + self.bias
+
+    @torch.no_grad()
+    def update_statistics(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        self.running_mean.lerp_(batch_mean, self.momentum)
+        self.running_var.lerp_(batch_var, self.momentum)
+        self.steps += 1
+
+
+class BatchRenormQEnsemble(QEnsemble):
+    """The critics of CrossQ: batch renormalisation before each of the three Linear layers (sb3-contrib's
+    layout), no LayerNorm. `forward(obs, action, statistics)` normalises by the batch (see EnsembleBatchRenorm)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_size: int = 256, num_critics: int = 2,
+                 matmul_dtype: torch.dtype = torch.float32, rounded_in_fp32: bool = False, outputs: int = 1) -> None:
+        super().__init__(obs_dim, action_dim, hidden_size, False, num_critics, matmul_dtype, rounded_in_fp32, outputs)
+        self.norms = nn.ModuleList(EnsembleBatchRenorm(num_critics, width)
+                                   for width in (obs_dim + action_dim, hidden_size, hidden_size))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, statistics: list | None = None) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).expand(self.num_critics, -1, -1)
+        for layer in range(2):
+            x = F.relu(self.hidden_linear(layer, self.norms[layer](x, statistics)))
+        return torch.baddbmm(self.biases[2], self.norms[2](x, statistics), self.weights[2])
+
+    def update_statistics(self, statistics: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fold one training pass's batch statistics (from `forward`) into the running ones."""
+        for norm, (batch_mean, batch_var) in zip(self.norms, statistics):
+            norm.update_statistics(batch_mean, batch_var)
 
 
 # --------------------------------------------------------------------------------------------
@@ -947,6 +1018,8 @@ class Critic:
     (docs/developing.md#adding-a-critic); the gradient step and its metrics follow without further code.
     """
 
+    uses_target_network = True  # targets bootstrap from a slowly moving copy of the critics (tau)
+
     def __init__(self, config: SACConfig) -> None:
         self.num_critics = config.num_critics
 
@@ -954,6 +1027,11 @@ class Critic:
     def outputs(self) -> int:
         """Values per critic and (s, a)."""
         return 1
+
+    def network(self, obs_dim: int, action_dim: int, config: SACConfig, matmul_dtype: torch.dtype,
+                rounded_in_fp32: bool) -> QEnsemble:
+        return QEnsemble(obs_dim, action_dim, config.hidden_size, config.layer_norm, config.num_critics,
+                         matmul_dtype, rounded_in_fp32, self.outputs)
 
     def bootstrap_values(self, next_q: torch.Tensor) -> torch.Tensor:
         """(batch, targets): what y bootstraps from, before discount and entropy: min_j Q'_j(s', a')."""
@@ -1008,7 +1086,23 @@ class TruncatedQuantileCritic(Critic):
         return q.mean(dim=(0, 2))
 
 
-CRITICS: dict[str, type[Critic]] = {"twin": Critic, "tqc": TruncatedQuantileCritic}
+class CrossQCritic(Critic):
+    """CrossQ (Bhatt et al., ICLR 2024): batch-renormalised critics and no target network. (s, a) and (s', a')
+    pass through the critics together, so that both are normalised by the statistics of their mixture; the
+    target bootstraps from the same pass (min over critics, gradient stopped). The policy sees the critics
+    with their running statistics. The paper pairs it with --policy-delay 3 and Adam's beta1 0.5
+    (lab/configs.py: crossq). The actor keeps its LayerNorm (--layer-norm); the critics have none.
+    """
+
+    uses_target_network = False
+
+    def network(self, obs_dim: int, action_dim: int, config: SACConfig, matmul_dtype: torch.dtype,
+                rounded_in_fp32: bool) -> QEnsemble:
+        return BatchRenormQEnsemble(obs_dim, action_dim, config.hidden_size, config.num_critics, matmul_dtype,
+                                    rounded_in_fp32, self.outputs)
+
+
+CRITICS: dict[str, type[Critic]] = {"twin": Critic, "tqc": TruncatedQuantileCritic, "crossq": CrossQCritic}
 
 
 def make_critic(config: SACConfig) -> Critic:
@@ -1094,18 +1188,24 @@ class SACAgent:
         self.actor = GaussianPolicy(obs_dim, self.action_dim, config.hidden_size, config.layer_norm,
                                     matmul_dtype, self.products_rounded_in_fp32).to(self.device)
         self.critic_kind = make_critic(config)
-        self.critic = QEnsemble(obs_dim, self.action_dim, config.hidden_size, config.layer_norm, config.num_critics,
-                                matmul_dtype, self.products_rounded_in_fp32, self.critic_kind.outputs).to(self.device)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic = self.critic_kind.network(obs_dim, self.action_dim, config, matmul_dtype,
+                                               self.products_rounded_in_fp32).to(self.device)
+        self.critic_target = (copy.deepcopy(self.critic).requires_grad_(False)
+                              if self.critic_kind.uses_target_network else None)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.action_dim)
 
         # One Adam over the stacked critic parameters is exactly two Adams, one per critic: Adam is elementwise.
         # The optimizers hold the Adam moments and learning rates (so StepLR and checkpoints work as usual);
         # `gradient_step` applies Adam's rule itself, so that one graph holds the whole step.
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr_actor, capturable=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.lr_critic, capturable=True)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.lr_alpha, capturable=True)
+        # Read by the step from here, not from the optimizers: the step would otherwise guard on their
+        # param_groups, learning rates included, and recompile at each StepLR decay.
+        self.adam_betas = (config.adam_beta1, 0.999)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), config.lr_actor, self.adam_betas,
+                                                capturable=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), config.lr_critic, self.adam_betas,
+                                                 capturable=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], config.lr_alpha, self.adam_betas, capturable=True)
         for optimizer in self.optimizers.values():
             init_adam_state(optimizer)
         self.schedulers = [torch.optim.lr_scheduler.StepLR(opt, config.lr_step_episodes, config.lr_gamma)
@@ -1118,6 +1218,8 @@ class SACAgent:
         self.trained_at_commit: str | None = None
         self._step = self.gradient_step
         self._graph_replay = False
+        self.critic_updates = 0  # counts the steps for --policy-delay; a checkpoint's critic Adam step restores it
+        self._policy_metrics: dict[str, torch.Tensor] = {}  # the latest policy step's, for critic-only steps
 
     def compile_update(self) -> str:
         """Run `gradient_step` through torch.compile from now on, where a C++ compiler allows it.
@@ -1143,9 +1245,10 @@ class SACAgent:
         return self.step_runs
 
     def learned_tensors(self) -> list[torch.Tensor]:
-        """What the agent learns: the networks, the target critics and the temperature."""
-        return [*self.actor.parameters(), *self.critic.parameters(), *self.critic_target.parameters(),
-                self.log_alpha]
+        """What the agent learns: the networks (with the statistics they keep), the target critics and the
+        temperature."""
+        target = [*self.critic_target.parameters()] if self.critic_target is not None else []
+        return [*self.actor.parameters(), *self.critic.parameters(), *self.critic.buffers(), *target, self.log_alpha]
 
     def step_state(self) -> list[torch.Tensor]:
         """The tensors a gradient step reads and writes in place, beside its batch: the learned tensors, every
@@ -1203,17 +1306,38 @@ class SACAgent:
         between s and s'.
         """
         next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise)
-        next_values = self.critic_kind.bootstrap_values(self.critic_target(next_obs, next_action))
+        return self.soft_targets(self.critic_target(next_obs, next_action), next_log_prob, rewards, terminated,
+                                 horizons, alpha)
+
+    def soft_targets(self, next_q: torch.Tensor, next_log_prob: torch.Tensor, rewards: torch.Tensor,
+                     terminated: torch.Tensor, horizons: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """The targets y of `critic_targets`, from the critics' values of (s', a') and log pi(a'|s')."""
+        next_values = self.critic_kind.bootstrap_values(next_q)
         discount = torch.pow(self.config.gamma, horizons)
         soft_values = next_values - (alpha * next_log_prob)[:, None]
         return rewards[:, None] + (discount * (1.0 - terminated))[:, None] * soft_values
 
     def critic_loss(self, critic_params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
-                    targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """The sum of the critics' losses (the kind's, importance-weighted); also each critic's loss and the values."""
-        q_values = torch.func.functional_call(self.critic, critic_params, (obs, actions))
+                    next_obs: torch.Tensor, next_action: torch.Tensor, targets_from: Callable[[torch.Tensor], torch.Tensor],
+                    weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The sum of the critics' losses (the kind's, importance-weighted); also each critic's loss, the values,
+        the targets (`targets_from` the values of (s', a')) and the batch statistics of a batch-normalised pass.
+
+        With a target network the targets come from it. Without one (CrossQ), (s, a) and (s', a') pass through
+        the critics together and the targets come from that pass, their gradient stopped.
+        """
+        statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.critic_target is None:
+            both = torch.func.functional_call(self.critic, critic_params, (torch.cat([obs, next_obs]),
+                                                                           torch.cat([actions, next_action])),
+                                              {"statistics": statistics})
+            q_values, next_q = both.split(obs.shape[0], dim=1)
+            targets = targets_from(next_q.detach())
+        else:
+            q_values = torch.func.functional_call(self.critic, critic_params, (obs, actions))
+            targets = targets_from(self.critic_target(next_obs, next_action))
         losses = self.critic_kind.losses(q_values, targets, weights)
-        return losses.sum(), (losses, q_values)
+        return losses.sum(), (losses, q_values, targets, statistics)
 
     def actor_loss(self, actor_params: dict[str, torch.Tensor], obs: torch.Tensor, noise: torch.Tensor,
                    alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1237,18 +1361,22 @@ class SACAgent:
         for the device: call `.item()` on the metrics only when logging.
         """
         noise = torch.randn(2, *batch.actions.shape, device=self.device)
+        self.critic_updates += 1
+        update_policy = self.critic_updates % self.config.policy_delay == 0
         inputs = (batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated, batch.horizons,
-                  batch.weights, noise, self._learning_rates)
+                  batch.weights, noise, self._learning_rates, update_policy)
         try:
             metrics = self._step(*inputs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             if self._step == self.gradient_step:
                 raise
             self._fall_back_to_eager(error)
-            return self._step(*inputs)
+            metrics = self._step(*inputs)
         if self._graph_replay:  # a CUDA graph's outputs live in memory that its next replay overwrites
             metrics = {name: value.clone() for name, value in metrics.items()}
-        return metrics
+        if update_policy:
+            self._policy_metrics = metrics
+        return self._policy_metrics | metrics  # a critic-only step reports the latest policy step's losses
 
     def _fall_back_to_eager(self, error: Exception) -> None:
         """Run the step eager from now on, with a warning, after torch.compile failed to build it.
@@ -1265,44 +1393,50 @@ class SACAgent:
     @torch.no_grad()
     def gradient_step(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                       next_obs: torch.Tensor, terminated: torch.Tensor, horizons: torch.Tensor,
-                      weights: torch.Tensor, noise: torch.Tensor,
-                      learning_rates: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Critics, then actor, then temperature, each a clipped Adam step; then the soft target update.
+                      weights: torch.Tensor, noise: torch.Tensor, learning_rates: torch.Tensor,
+                      update_policy: bool = True) -> dict[str, torch.Tensor]:
+        """Critics, then (with `update_policy`) actor and temperature, each a clipped Adam step; then the soft
+        target update.
 
         A pure function of tensors with no host sync and no graph break, so torch.compile makes one
-        graph of it. `noise` holds the standard-normal draws for a' ~ pi(s') and a ~ pi(s);
-        `learning_rates` those of the actor, critic and temperature optimizers. Returns 0-dim metric
-        tensors keyed by the TensorBoard tag train.py logs each under (a new metric here is logged
-        without further code), and PRIORITIES (the kind's TD error + 1e-6, one per sample).
+        graph of it (one per value of `update_policy`). `noise` holds the standard-normal draws for
+        a' ~ pi(s') and a ~ pi(s); `learning_rates` those of the actor, critic and temperature optimizers.
+        Returns 0-dim metric tensors keyed by the TensorBoard tag train.py logs each under (a new metric here
+        is logged without further code), and PRIORITIES (the kind's TD error + 1e-6, one per sample).
         """
         actor_lr, critic_lr, alpha_lr = learning_rates
         alpha = self.log_alpha.exp()
-        targets = self.critic_targets(next_obs, rewards, terminated, horizons, noise[0], alpha)
+        next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise[0])
+        targets_from = functools.partial(self.soft_targets, next_log_prob=next_log_prob, rewards=rewards,
+                                         terminated=terminated, horizons=horizons, alpha=alpha)
 
         critic_params = dict(self.critic.named_parameters())
-        grads, (_, (critic_losses, q_values)) = torch.func.grad_and_value(self.critic_loss, has_aux=True)(
-            critic_params, obs, actions, targets, weights)
+        grads, (_, (critic_losses, q_values, targets, statistics)) = torch.func.grad_and_value(
+            self.critic_loss, has_aux=True)(critic_params, obs, actions, next_obs, next_action, targets_from, weights)
         self._adam_step(self.critic_optimizer, critic_params, grads, critic_lr, stacked=True)
-
-        actor_params = dict(self.actor.named_parameters())
-        grads, (actor_loss, log_prob) = torch.func.grad_and_value(self.actor_loss, has_aux=True)(
-            actor_params, obs, noise[1], alpha)
-        self._adam_step(self.actor_optimizer, actor_params, grads, actor_lr)
-
-        alpha_grad, alpha_loss = torch.func.grad_and_value(self.alpha_loss)(self.log_alpha, log_prob)
-        self._adam_step(self.alpha_optimizer, {"log_alpha": self.log_alpha}, {"log_alpha": alpha_grad}, alpha_lr)
-
-        torch._foreach_lerp_(list(self.critic_target.parameters()), list(critic_params.values()), self.config.tau)
-        return {
+        if statistics:
+            self.critic.update_statistics(statistics)
+        metrics = {
             **{Tag.critic_loss(i): loss for i, loss in enumerate(critic_losses.unbind())},
-            Tag.ACTOR_LOSS: actor_loss,
-            Tag.ALPHA_LOSS: alpha_loss,
             Tag.ALPHA: alpha,
             Tag.MEAN_Q: q_values.mean(),
-            Tag.ENTROPY: -log_prob.mean(),
             Tag.N_STEP_HORIZON: horizons.mean(),
             PRIORITIES: self.critic_kind.td_errors(q_values, targets) + PRIORITY_EPS,
         }
+
+        if update_policy:
+            actor_params = dict(self.actor.named_parameters())
+            grads, (actor_loss, log_prob) = torch.func.grad_and_value(self.actor_loss, has_aux=True)(
+                actor_params, obs, noise[1], alpha)
+            self._adam_step(self.actor_optimizer, actor_params, grads, actor_lr)
+
+            alpha_grad, alpha_loss = torch.func.grad_and_value(self.alpha_loss)(self.log_alpha, log_prob)
+            self._adam_step(self.alpha_optimizer, {"log_alpha": self.log_alpha}, {"log_alpha": alpha_grad}, alpha_lr)
+            metrics |= {Tag.ACTOR_LOSS: actor_loss, Tag.ALPHA_LOSS: alpha_loss, Tag.ENTROPY: -log_prob.mean()}
+
+        if self.critic_target is not None:
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(critic_params.values()), self.config.tau)
+        return metrics
 
     def _adam_step(self, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
                    grads: dict[str, torch.Tensor], lr: torch.Tensor, stacked: bool = False) -> None:
@@ -1310,7 +1444,7 @@ class SACAgent:
         tensors, grad_list = list(params.values()), [grads[name] for name in params]
         if self.config.grad_clip > 0:
             grad_list = clip_grad_norm(grad_list, self.config.grad_clip, stacked)
-        adam_(tensors, grad_list, [optimizer.state[p] for p in tensors], lr)
+        adam_(tensors, grad_list, [optimizer.state[p] for p in tensors], lr, self.adam_betas)
 
     def step_schedulers(self) -> None:
         """Advance the learning-rate schedules by one episode."""
@@ -1342,7 +1476,7 @@ class SACAgent:
         return {
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
-            "critic_target": self.critic_target.state_dict(),
+            **({"critic_target": self.critic_target.state_dict()} if self.critic_target is not None else {}),
             "log_alpha": self.log_alpha.detach().cpu(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -1351,7 +1485,8 @@ class SACAgent:
     def load_state_dict(self, state: dict) -> None:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
-        self.critic_target.load_state_dict(state["critic_target"])
+        if self.critic_target is not None:
+            self.critic_target.load_state_dict(state["critic_target"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
         for name, opt in self.optimizers.items():
@@ -1359,6 +1494,8 @@ class SACAgent:
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(scheduler_state)
         self._refresh_learning_rates()
+        first_critic_tensor = next(iter(self.critic.parameters()))
+        self.critic_updates = int(self.critic_optimizer.state[first_critic_tensor]["step"])
         if self._graph_replay:  # the optimizers' load_state_dict made new Adam tensors
             self._mark_step_state_static()
 

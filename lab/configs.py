@@ -16,5 +16,8 @@ VARIANTS = {
     # The default before the run stopped at 260: the first check that clears the env's solved threshold.
     "stop_at_200": ["--target-return", "auto"],
     # Critic kinds other than the twin (docs/critics.md).
-    "tqc": ["--critic", "tqc"],
+    "tqc": ["--critic", "tqc"],  # 2 critics x 25 quantiles, 2 dropped per critic: sb3-contrib's and rl-zoo3's
+    # CrossQ's paper's optimizer settings beside its critics; the rest (n-step 3, batch 256, width 256) ours.
+    "crossq": ["--critic", "crossq", "--policy-delay", "3", "--adam-beta1", "0.5", "--lr-actor", "1e-3",
+               "--lr-critic", "1e-3", "--lr-alpha", "1e-3"],
 }

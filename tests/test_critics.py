@@ -114,7 +114,7 @@ def test_a_checkpoint_names_its_critic_kind_and_loads_as_that_kind(tmp_path: Pat
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(critic="quantum"), "--critic must be one of twin, tqc, got 'quantum'"),
+    (dict(critic="quantum"), "--critic must be one of twin, tqc, crossq, got 'quantum'"),
     (dict(quantiles=5, drop_quantiles=5), "--drop-quantiles must be in [0, --quantiles), got 5 of 5"),
     (dict(num_critics=0), "--num-critics must be positive, got 0"),
 ])
@@ -145,3 +145,118 @@ def test_a_checkpoint_from_before_critic_kinds_loads_plays_and_resumes_to_the_sa
     for part in ("actor", "critic", "critic_target"):
         for name, tensor in then[part].items():
             torch.testing.assert_close(ours[part][name], tensor, rtol=0, atol=1e-6, msg=f"{part}.{name}")
+
+
+def sb3_batch_renorm(norm: "sac_model.EnsembleBatchRenorm", critic: int):
+    """sb3-contrib's BatchRenorm holding critic `critic`'s slice of this ensemble layer's parameters and statistics."""
+    from sb3_contrib.common.torch_layers import BatchRenorm1d
+
+    features = norm.scale.shape[-1]
+    reference = BatchRenorm1d(features, eps=norm.eps, momentum=norm.momentum, warmup_steps=norm.warmup_steps)
+    with torch.no_grad():
+        reference.scale.copy_(norm.scale[critic, 0])
+        reference.bias.copy_(norm.bias[critic, 0])
+        reference.ra_mean.copy_(norm.running_mean[critic, 0])
+        reference.ra_var.copy_(norm.running_var[critic, 0])
+        reference.steps.fill_(int(norm.steps))
+    return reference
+
+
+@pytest.mark.parametrize("steps", [0, 200])  # in the warm-up (batch statistics alone) and after it (renormalised)
+def test_batch_renorm_agrees_with_sb3_contrib_in_training_and_evaluation(steps: int) -> None:
+    pytest.importorskip("sb3_contrib", reason="the reference BatchRenorm: pip install -r requirements-bench.txt")
+    g = torch.Generator().manual_seed(steps)
+    norm = sac_model.EnsembleBatchRenorm(2, 6, warmup_steps=100)
+    with torch.no_grad():
+        for tensor, shift in ((norm.scale, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0), (norm.running_var, 1.5)):
+            tensor.copy_(shift + 0.5 * torch.rand(tensor.shape, generator=g))
+        norm.steps.fill_(steps)
+    x = (3.0 * torch.randn(2, 32, 6, generator=g) + 1.0).requires_grad_(True)
+    references = [sb3_batch_renorm(norm, critic) for critic in range(2)]
+
+    statistics: list = []
+    ours = norm(x, statistics)
+    norm.update_statistics(*statistics[0])
+    for critic, reference in enumerate(references):
+        reference.train()
+        theirs = reference(x[critic])
+        torch.testing.assert_close(ours[critic], theirs, rtol=1e-5, atol=1e-5)
+        coefficients = torch.randn(32, 6, generator=g)
+        (ours_grad,) = torch.autograd.grad((ours[critic] * coefficients).sum(), x, retain_graph=True)
+        (their_grad,) = torch.autograd.grad((theirs * coefficients).sum(), x)
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norm.running_mean[critic, 0], reference.ra_mean)
+        torch.testing.assert_close(norm.running_var[critic, 0], reference.ra_var)
+        reference.eval()
+        torch.testing.assert_close(norm(x)[critic], reference(x[critic]), rtol=1e-5, atol=1e-5)
+    assert int(norm.steps) == steps + 1
+
+
+def test_crossq_critics_are_sb3_contribs_layout_on_the_same_weights() -> None:
+    pytest.importorskip("sb3_contrib", reason="the reference CrossQ: pip install -r requirements-bench.txt")
+    torch.manual_seed(2)
+    ensemble = sac_model.BatchRenormQEnsemble(3, 1, hidden_size=8, num_critics=2)
+    with torch.no_grad():
+        for norm in ensemble.norms:  # running statistics of their own, so that evaluation differs from training
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    obs, action = torch.randn(20, 3), torch.rand(20, 1) * 2 - 1
+
+    def reference(critic: int, training: bool) -> torch.Tensor:
+        layers = []
+        for layer in range(3):
+            linear = torch.nn.Linear(*ensemble.weights[layer].shape[1:])
+            with torch.no_grad():
+                linear.weight.copy_(ensemble.weights[layer][critic].T)
+                linear.bias.copy_(ensemble.biases[layer][critic, 0])
+            layers += [sb3_batch_renorm(ensemble.norms[layer], critic), linear, torch.nn.ReLU()]
+        network = torch.nn.Sequential(*layers[:-1])  # BatchRenorm, Linear, ReLU twice, then BatchRenorm, Linear
+        return network.train(training)(torch.cat([obs, action], 1))
+
+    for critic in range(2):
+        torch.testing.assert_close(ensemble(obs, action, [])[critic], reference(critic, training=True))
+        torch.testing.assert_close(ensemble(obs, action)[critic], reference(critic, training=False))
+    assert not torch.allclose(ensemble(obs, action, []), ensemble(obs, action))
+
+
+def test_crossq_has_no_target_network_and_learns_from_one_joint_pass(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    agent = pendulum_agent(critic="crossq", policy_delay=3)
+    assert agent.critic_target is None and "critic_target" not in agent.state_dict()
+    batch = random_batch(3, 1, 16, seed=6)
+    noise = torch.randn(2, 16, 1)
+    with torch.no_grad():
+        next_action, next_log_prob = sac_model.squashed_gaussian(*agent.actor(batch.next_obs), noise[0])
+        # By hand: the targets come from the same pass as Q(s, a), over the 32 rows of (s, a) and (s', a').
+        both = agent.critic(torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_action]), [])
+        discount = 0.99 ** batch.horizons * (1 - batch.terminated)
+        targets = batch.rewards + discount * (both[:, 16:, 0].min(0).values - agent.alpha * next_log_prob)
+        expected_loss = (both[:, :16, 0] - targets).pow(2).mean(1)
+    actor_before = [p.detach().clone() for p in agent.actor.parameters()]
+    running_mean = agent.critic.norms[0].running_mean.clone()
+    metrics = agent.gradient_step(batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.terminated,
+                                  batch.horizons, batch.weights, noise, agent._learning_rates, update_policy=False)
+    torch.testing.assert_close(torch.stack([metrics[Tag.critic_loss(i)] for i in range(2)]), expected_loss)
+    assert Tag.ACTOR_LOSS not in metrics
+    assert all(torch.equal(b, p) for b, p in zip(actor_before, agent.actor.parameters()))  # the policy waits
+    assert not torch.equal(running_mean, agent.critic.norms[0].running_mean) and int(agent.critic.norms[0].steps) == 1
+
+
+def test_the_policy_steps_every_policy_delay_critic_steps_also_after_a_resume(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    agent = pendulum_agent(critic="crossq", policy_delay=3)
+    batch = random_batch(3, 1, 16, seed=7)
+
+    def policy_moved() -> bool:
+        before = [p.detach().clone() for p in agent.actor.parameters()]
+        agent.update(batch)
+        return any(not torch.equal(b, p) for b, p in zip(before, agent.actor.parameters()))
+
+    assert [policy_moved() for _ in range(3)] == [False, False, True]
+    latest_policy_step = agent._policy_metrics
+    critic_step = agent.update(batch)  # reports the latest policy step's losses beside its own
+    assert all(critic_step[tag] is latest_policy_step[tag] for tag in (Tag.ACTOR_LOSS, Tag.ALPHA_LOSS, Tag.ENTROPY))
+    assert critic_step[Tag.critic_loss(0)] is not latest_policy_step[Tag.critic_loss(0)]
+    agent = SACAgent.load(agent.save(tmp_path / "crossq.pt"))
+    assert agent.critic_updates == 4 and int(agent.critic.norms[1].steps) == 4
+    assert [policy_moved() for _ in range(3)] == [False, True, False]
