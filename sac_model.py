@@ -267,7 +267,7 @@ class SACConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "original": dict(
         env="LunarLanderContinuous-v3", episodes=1000, max_steps=None, total_steps=None, hidden_size=256,
-        layer_norm=True, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, n_step=1, tau=0.005,
+        layer_norm=True, critic="twin", num_critics=2, policy_delay=1, adam_beta1=0.9, buffer="prioritized", buffer_size=1_000_000, batch_size=256, gamma=0.99, n_step=1, tau=0.005,
         lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, init_alpha=0.2, start_steps=10_000, update_after=1_000,
         update_every=50, updates_per_step=1, grad_clip=1.0, lr_step_episodes=100, lr_gamma=0.95, per_alpha=0.6,
         per_beta_start=0.4, eval_every=20, eval_episodes=5, target_return="none", checkpoint_every=50, precision="fp32",
