@@ -41,13 +41,17 @@ def wall_minutes(record: dict) -> float:
 
 
 def commit(paths: list[Path], message: str) -> None:
-    """Commit these files, and nothing else that is staged; a failure (another git command holding the index,
-    say) is retried, then reported without stopping the study."""
-    relative = [str(p.resolve().relative_to(REPO)) for p in paths]
+    """Commit these files, and nothing else that is staged, in the checkout that holds them: a study run from a
+    worktree of a fixed commit may keep its pages in the main checkout (--docs-dir). A failure (another git
+    command holding the index, say) is retried, then reported without stopping the study."""
+    folder = paths[0].resolve().parent
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+    checkout = Path(top.stdout.strip()) if top.returncode == 0 else REPO
+    relative = [str(p.resolve().relative_to(checkout)) for p in paths]
     for attempt in range(5):
-        added = subprocess.run(["git", "add", *relative], cwd=REPO, capture_output=True, text=True)
+        added = subprocess.run(["git", "add", *relative], cwd=checkout, capture_output=True, text=True)
         done = added.returncode == 0 and subprocess.run(
-            ["git", "commit", "-q", "-m", message, "--", *relative], cwd=REPO, capture_output=True, text=True
+            ["git", "commit", "-q", "-m", message, "--", *relative], cwd=checkout, capture_output=True, text=True
         ).returncode == 0
         if done:
             return

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.launch import start, train_command  # noqa: E402
 from lab.provenance import provenance  # noqa: E402
-from lab.records import parse_seeds  # noqa: E402
+from lab.records import commit, parse_seeds  # noqa: E402
 from sac_model import SACError, read_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,26 @@ def write(path: Path, text: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def test_a_page_is_committed_in_the_checkout_that_holds_it_and_nothing_else_staged_goes_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    (tmp_path / "docs").mkdir()
+    page, other = tmp_path / "docs" / "study.md", tmp_path / "other.py"
+    page.write_text("| 1 | 200 |\n")
+    other.write_text("staged, not the study's\n")
+    git("add", "other.py")
+    for variable in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(variable, "t")
+    commit([page], "study: seed 1 finished")  # from this repository's own checkout, as a worktree's study does
+    assert git("log", "-1", "--format=%s") == "study: seed 1 finished\n"
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["docs/study.md"]
+    assert "other.py" in git("diff", "--cached", "--name-only")
 
 
 def test_a_run_without_checkpoints_starts_new_once_a_killed_attempts_events_are_gone(tmp_path: Path):
