@@ -32,9 +32,9 @@ from plumbing import (
 )
 from sac_model import (
     PRESETS, PRIORITIES, NStepCollector, ReplayBuffer, SACAgent, SACConfig, SACError, Tag, TrainingDivergedError,
-    WriteError, check_checkpoint_fits_env, check_lower_bound, check_seed, checkpoint_config, env_threshold,
-    evaluate_policy, evaluation_seed, flag, flat_dim, is_solved, make_buffer, make_env, read_checkpoint,
-    resolve_device, seed_everything, step_budget, stop_margin, target_return,
+    WriteError, check_checkpoint_fits_env, check_lower_bound, check_seed, checkpoint_config, env_preset,
+    env_threshold, evaluate_policy, evaluation_seed, flag, flat_dim, is_solved, make_buffer, make_env, read_checkpoint,
+    preset_values, resolve_device, seed_everything, step_budget, stop_margin, target_return,
 )
 # After SIGTERM the run finishes its episode only if that takes at most this long, then stops at once: a
 # container or job scheduler sends SIGKILL after a grace period (Docker's default: 10 s).
@@ -179,14 +179,19 @@ class ProgressDisplay:
             self.bar.close()
 
 
-def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
-    """train.py's flags, whose defaults are SACConfig's or, with a preset's name, the preset's."""
+PRESET_CHOICES = ("env", "none", *sorted(PRESETS))
+
+
+def build_parser(defaults: SACConfig | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, whose defaults are `defaults` (a preset's), else SACConfig's."""
     parser = OneLineErrorParser(description="Train Soft Actor-Critic on a gymnasium continuous-control task.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="start from a named set of defaults; flags given still win. 'original' is the "
-                             "configuration the repository started from (docs/defaults.md); it trains its whole "
-                             "budget instead of stopping when solved")
-    add_config_flags(parser, SACConfig(**PRESETS[preset]) if preset else None)
+    parser.add_argument("--preset", choices=PRESET_CHOICES, default="env",
+                        help="the set of defaults a new run starts from; flags given still win. 'env' (the "
+                             "default): the env's own preset where ENV_PRESETS has one (its budget, stop target "
+                             "and values, said in the run's first lines); 'none': SACConfig's defaults alone; "
+                             "'original': the configuration the repository started from (docs/defaults.md), which "
+                             "trains its whole budget instead of stopping when solved")
+    add_config_flags(parser, defaults)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
@@ -210,9 +215,38 @@ def changed_flags(config: SACConfig, args: argparse.Namespace, given: set[str]) 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """train.py's flags; a --preset replaces the defaults the flags not given fall back on."""
-    preset = build_parser().parse_known_args(argv)[0].preset
-    return build_parser(preset).parse_args(argv)
+    """train.py's flags; the --preset (the env's own unless told otherwise) replaces the defaults the flags not
+    given fall back on."""
+    first = build_parser().parse_known_args(argv)[0]
+    return build_parser(preset_defaults(first.preset, first.env)).parse_args(argv)
+
+
+def preset_defaults(preset: str, env: str) -> SACConfig:
+    """SACConfig's defaults for `env` with the values of `preset` over them."""
+    return SACConfig(**({"env": env} | preset_values(preset, env)))
+
+
+def preset_given(argv: list[str]) -> bool:
+    """Whether --preset was given on the command line (its default, 'env', applies to every new run)."""
+    probe = build_parser()
+    probe.set_defaults(preset=None)
+    return probe.parse_known_args(argv)[0].preset is not None
+
+
+def preset_line(args: argparse.Namespace, given: set[str]) -> str:
+    """What the run's preset set, and where its values come from; flags given override a preset's value."""
+    preset = env_preset(args.env) if args.preset == "env" else None
+    if args.preset == "none" or (args.preset == "env" and preset is None):
+        why = "" if args.preset == "none" else f": ENV_PRESETS has none for {args.env}"
+        return f"preset: none, SACConfig's defaults (searched on LunarLander){why}"
+    if args.preset != "env":
+        return f"preset: {args.preset} (docs/defaults.md)"
+    kept = {name: value for name, value in preset.values.items() if name not in given}
+    values = ", ".join(f"{flag(name)} {value:,}" if isinstance(value, int) else f"{flag(name)} {value}"
+                       for name, value in kept.items())
+    stop = f", stop target {preset.stop_target:g}" if preset.stop_target is not None else ""
+    return (f"preset: {args.env}'s ({values or 'no value beside the defaults'}{stop}; --preset none for the bare "
+            f"defaults): {preset.source}")
 
 
 def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) -> SACConfig:
@@ -233,7 +267,7 @@ def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) 
 def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
     """The validated config of a new run, or of the resumed one with its checkpoint."""
     checkpoint, checkpoint_path = None, None
-    if args.resume and args.preset:
+    if args.resume and args.preset_given:
         raise SACError("--preset cannot be combined with --resume: a resumed run keeps its checkpoint's config")
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
@@ -317,18 +351,21 @@ def stop_rule(config: SACConfig, budget: int) -> str:
             f"({margin} >= {target:g}); {cap}")
 
 
-def announce(config: SACConfig, agent: SACAgent, budget: int, resumed: bool) -> None:
-    """The run's first lines: what it is called, where it writes, what it runs on and when it stops."""
+def announce(config: SACConfig, agent: SACAgent, budget: int, preset: str | None) -> None:
+    """The run's first lines: what it is called, where it writes, what it runs on, which preset a new run took
+    (`preset`, None for a resumed run) and when it stops."""
     threads = config.threads or torch.get_num_threads()
     chosen = (" (1 while another process takes a core: --threads N fixes the count)" if chooses_threads(config, agent)
               else "")
-    print(f"run: {config.run_name} ({'resumed' if resumed else 'new'})\n"
+    preset_text = f"{preset}\n" if preset else ""
+    print(f"run: {config.run_name} ({'new' if preset else 'resumed'})\n"
           f"logs: {RUNS_DIR / config.run_name}/ (watch them with: tensorboard --logdir {RUNS_DIR})\n"
           f"checkpoints: {CHECKPOINTS_DIR / config.run_name}/ (every {config.checkpoint_every} episodes and the "
           f"final agent)\n"
           f"device: {agent.device.type}, {threads} CPU thread{'s' if threads != 1 else ''}{chosen}; gradient step: "
           f"{agent.step_runs}\n"
           f"{precision_line(config.precision, agent.device)}\n"
+          f"{preset_text}"
           f"the run {stop_rule(config, budget)}\n"
           "Ctrl-C finishes the current episode and saves a checkpoint that resumes exactly; a second Ctrl-C stops "
           "at once", flush=True)
@@ -357,7 +394,7 @@ def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitS
     buffer = make_buffer(config, obs_dim, action_dim, device)
     if config.compile:
         agent.compile_update()
-    announce(config, agent, step_budget(config), resumed=checkpoint is not None)
+    announce(config, agent, step_budget(config), None if checkpoint else preset_line(args, given))
     env.action_space.seed(config.seed)
     progress, first_reset_seed = TrainingState(run_name=config.run_name), config.seed
     if checkpoint is not None:
@@ -663,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory_mapped()
     args = parse_args(argv)
+    args.preset_given = preset_given(argv)
     if args.overwrite and args.resume:
         build_parser().error("--overwrite starts a run over; it cannot be combined with --resume")
     quiet_event_writer_thread()

@@ -30,7 +30,9 @@ from lab.tables import load_study, plot_curves, run_name
 from plumbing import (
     CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, checkpoint_files, fail, final_checkpoint,
 )
-from sac_model import SACError, checkpoint_config, load_agent_and_env, read_checkpoint, target_return
+from sac_model import (
+    SACError, checkpoint_config, env_threshold, load_agent_and_env, read_checkpoint, target_return,
+)
 
 DEFAULTS_LABEL = "defaults"  # run folders are <label>__seed<N>, the name the study tables parse
 
@@ -128,6 +130,7 @@ class Study:
         training, config = TrainingState.of(checkpoint, final), checkpoint_config(checkpoint)
         record.update(steps=training.global_step, updates=training.updates, cap=config.total_steps,
                       checks=training.target_checks, target=target_return(config),
+                      threshold=env_threshold(config.env),
                       std_errors=config.target_std_errors, target_episodes=config.target_episodes)
         agent, env = load_agent_and_env(final)
         try:
@@ -139,6 +142,12 @@ class Study:
             record["unseen_crashes"] = sum(kind in outcomes.CRASHES for kind in kinds)
         self.save()
         print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
+
+
+def threshold_label(records: list[dict]) -> str:
+    """The registered threshold the study's unseen episodes are counted against, for the column's header."""
+    thresholds = {record.get("threshold", 200.0) for record in records} or {200.0}
+    return "threshold" if len(thresholds) > 1 or None in thresholds else f"{thresholds.pop():g}"
 
 
 def baseline_records(docs_dir: Path, name: str) -> dict[int, dict]:
@@ -174,8 +183,9 @@ def baseline_lines(study: "Study", records: list[dict]) -> list[str]:
         ours, theirs = steps_to_solved(record), steps_to_solved(study.baseline[record["seed"]])
         ratio = ours / theirs if np.isfinite(ours) and np.isfinite(theirs) else float("nan")
         cells = [f"{x:,.0f}" if np.isfinite(x) else "not solved" for x in (ours, theirs)]
-        lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | "
-                     f"{'-' if np.isnan(ratio) else f'{ratio:.2f}'} | {'yes' if lost(record, study.baseline) else 'no'} |")
+        shown_ratio = "-" if np.isnan(ratio) else f"{ratio:.2f}"
+        lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | {shown_ratio} | "
+                     f"{'yes' if lost(record, study.baseline) else 'no'} |")
     losses = sum(lost(r, study.baseline) for r in compared)
     lines += ["", f"Lost on {losses} of {len(compared)} seeds."]
     return lines
@@ -188,7 +198,14 @@ def row_cells(record: dict) -> list[str]:
     return [str(record["seed"]), f"{step:,}" if step else f"not solved ({record['steps']:,})",
             f"{record['updates']:,}" if "updates" in record else "-", f"{wall_minutes(record):.1f}",
             f"{mean:.1f} +/- {std:.1f}", str(len(record["checks"])), f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
-            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum())), str(record.get("unseen_crashes", "-"))]
+            solved_episodes(record), str(int((unseen < 0).sum())), str(record.get("unseen_crashes", "-"))]
+
+
+def solved_episodes(record: dict) -> str:
+    """How many unseen episodes reached the env's registered threshold ('-' for an env without one). Records
+    from before the threshold was kept are LunarLander's: 200."""
+    threshold = record.get("threshold", 200.0)
+    return "-" if threshold is None else str(int((np.asarray(record["unseen"]) >= threshold).sum()))
 
 
 def page(study: Study, seeds: list[int]) -> str:
@@ -207,7 +224,8 @@ def page(study: Study, seeds: list[int]) -> str:
              f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time "
              f"({len(records)} of {len(seeds)} seeds finished).", "",
              f"| seed | solved at env step | gradient steps | wall time (min) | last 100-episode check | checks | "
-             f"unseen episodes {args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | std | >= 200 "
+             f"unseen episodes {args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | std | "
+             f">= {threshold_label(records)} "
              "| < 0 | crashes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row_cells(record)) + " |" for record in records]
@@ -238,7 +256,8 @@ def write_report(study: Study, seeds: list[int]) -> list[Path]:
     paths = [study.results_path, page_path]
     curves = load_study(study.folder, finished_only=True)
     if curves:
-        paths.append(plot_curves(curves, docs / f"{study.name}.png", threshold=200.0))
+        targets = [study.record(s)["target"] for s in seeds if study.finished(s)]
+        paths.append(plot_curves(curves, docs / f"{study.name}.png", threshold=targets[0] if targets else None))
     return paths
 
 

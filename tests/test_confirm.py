@@ -133,6 +133,8 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     assert page.splitlines()[2] == provenance()  # under the title: this checkout's commit and this machine
     rows = [line for line in page.splitlines() if line.startswith("| 3 |") or line.startswith("| 4 |")]
     assert len(rows) == 2 and all(row.split(" | ")[1] == "200" for row in rows)  # solved at env step 200
+    # Pendulum registers no solved threshold: no unseen episode is counted against one (LunarLander's 200 was).
+    assert "| std | >= threshold | < 0 |" in page and all(row.split(" | ")[8] == "-" for row in rows)
     assert "Solved: 2 of 2; median env steps to solved 200" in page
     assert (tmp_path / "docs" / "pilot.png").stat().st_size > 1000
     results = json.loads((tmp_path / "docs" / "pilot.json").read_text())
@@ -178,7 +180,8 @@ def test_a_pilot_stops_at_its_second_loss_against_the_baseline_on_the_same_seeds
     baseline = {f"defaults__seed{seed}": baseline_record(seed, 100) for seed in (1, 2, 3)}
     (tmp_path / "docs" / "today.json").write_text(json.dumps(baseline))
     result = confirm(tmp_path, "--name", "pilot_tqc", "--seeds", "1-3", "--concurrent", "1", "--config", "tqc",
-                     "--baseline", "today", "--stop-after-losses", "2", "--train-args", f"{TINY} --target-return -10000")
+                     "--baseline", "today", "--stop-after-losses", "2",
+                     "--train-args", f"{TINY} --target-return -10000")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("start tqc__seed") == 2 and "stopped: 2 seeds lost against today" in result.stdout
     final = tmp_path / "studies" / "pilot_tqc" / "checkpoints" / "tqc__seed1" / "final.pt"

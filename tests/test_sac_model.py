@@ -1471,9 +1471,11 @@ def test_target_return_auto_is_the_envs_reward_threshold_plus_n_and_none_turns_i
 
 
 def test_the_envs_own_stop_target_adds_a_margin_only_where_a_study_chose_one():
-    """LunarLander's +60 is its own: MountainCar's threshold (90) sits near its best return (about 95: 100 at the
-    flag less the actions' cost), so a +60 there could never be met; Pendulum registers no threshold at all."""
-    assert sac_model.STOP_MARGINS == {"LunarLanderContinuous-v3": 60.0}
+    """LunarLander's 260 is its preset's own: MountainCar's threshold (90) sits near its best return (about 95: 100
+    at the flag less the actions' cost), so a +60 there could never be met; Pendulum registers no threshold."""
+    assert {env: p.stop_target for env, p in sac_model.ENV_PRESETS.items() if p.stop_target is not None} == {
+        "LunarLanderContinuous-v3": 260.0}
+    assert sac_model.stop_margin(SACConfig()) == 60.0
     assert target_return(SACConfig(env="MountainCarContinuous-v0")) == 90.0
     assert target_return(SACConfig(env="BipedalWalker-v3")) == 300.0
     assert target_return(SACConfig(env="Pendulum-v1")) is None

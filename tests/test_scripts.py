@@ -195,7 +195,7 @@ def test_a_resume_changes_exactly_the_flags_declared_resumable_and_refuses_the_r
     checkpoint = {"metadata": {"config": dataclasses.asdict(SACConfig(run_name="r"))}}
     changed = {"env": "Pendulum-v1", "buffer": "prioritized", "target_return": "none", "precision": "bf16",
                "device": "cpu", "run_name": "other", "layer_norm": False, "compile": False, "save_buffer": False,
-               "cuda_graphs": True}
+               "cuda_graphs": True, "critic": "tqc"}
     for field in dataclasses.fields(SACConfig):
         value = changed.get(field.name, 7 if field.type in ("int", "int | None") else 0.5)
         argv = ["--resume", "r", *([f"--{'no-' if value is False else ''}{field.name.replace('_', '-')}"]
@@ -347,9 +347,11 @@ def test_the_first_lines_name_the_run_its_folders_the_device_and_the_stop_rule(t
     assert lines[2] == f"checkpoints: checkpoints/{name}/ (every 50 episodes and the final agent)"
     assert lines[3] == "device: cpu, 1 CPU thread; gradient step: eager"
     assert lines[4].startswith("precision: fp32")
-    assert lines[5] == ("the run trains its whole budget, at most 50 env steps or 1 episode: --eval-every 0 makes no "
+    assert lines[5].startswith("preset: LunarLanderContinuous-v3's (no value beside the defaults, stop target 260; "
+                               "--preset none for the bare defaults): the defaults were searched and confirmed here")
+    assert lines[6] == ("the run trains its whole budget, at most 50 env steps or 1 episode: --eval-every 0 makes no "
                         "evaluation to stop at")
-    assert lines[6].startswith("Ctrl-C finishes the current episode")
+    assert lines[7].startswith("Ctrl-C finishes the current episode")
     assert (tmp_path / "checkpoints" / name / "final.pt").is_file() and (tmp_path / "runs" / name).is_dir()
     default = train.stop_rule(SACConfig(), 300_000)
     assert default == ("stops at 260 (the env's solved threshold, 200, plus 60): once a 10-episode evaluation (every "
@@ -674,6 +676,44 @@ SPEC_ORIGINAL = {
     "update_every": 50, "updates_per_step": 1, "grad_clip": 1.0, "lr_step_episodes": 100, "lr_gamma": 0.95,
     "per_alpha": 0.6, "per_beta_start": 0.4, "buffer": "prioritized", "checkpoint_every": 50, "seed": 0,
 }
+
+
+def test_an_envs_preset_sets_its_budget_says_so_and_flags_given_or_preset_none_win() -> None:
+    def config(*argv: str) -> SACConfig:
+        return config_from_args(parse_args(list(argv)))
+
+    assert config("--env", "BipedalWalker-v3").total_steps == 500_000  # rl-zoo3's budget there
+    assert config("--env", "BipedalWalker-v3", "--total-steps", "1000").total_steps == 1000
+    assert config("--env", "BipedalWalker-v3", "--preset", "none").total_steps == SACConfig().total_steps
+    hopper = config("--env", "Hopper-v5")  # parsing needs no mujoco: presets are looked up by id
+    assert (hopper.total_steps, hopper.start_steps, hopper.target_return) == (300_000, 10_000, "none")
+    assert config("--env", "Pendulum-v1").total_steps == 20_000
+    assert config().total_steps == SACConfig().total_steps and config().target_return == "env"  # LunarLander's: none
+
+    def line(*argv: str) -> str:
+        return train.preset_line(parse_args(list(argv)), train.flags_given(list(argv)))
+
+    assert line("--env", "BipedalWalker-v3").startswith(
+        "preset: BipedalWalker-v3's (--total-steps 500,000; --preset none for the bare defaults): budget: rl-zoo3's")
+    assert line("--env", "BipedalWalker-v3", "--total-steps", "1000").startswith(
+        "preset: BipedalWalker-v3's (no value beside the defaults; --preset none")
+    assert line("--env", "Hopper-v5").startswith(
+        "preset: Hopper-v5's (--total-steps 300,000, --start-steps 10,000, --target-return none; --preset none")
+    assert line("--env", "MountainCarContinuous-v0") == ("preset: none, SACConfig's defaults (searched on "
+                                                         "LunarLander): ENV_PRESETS has none for "
+                                                         "MountainCarContinuous-v0")
+    assert line("--env", "BipedalWalker-v3", "--preset", "none") == (
+        "preset: none, SACConfig's defaults (searched on LunarLander)")
+
+
+def test_every_env_preset_is_a_valid_config_with_its_source_and_the_docs_table_names_it() -> None:
+    section = (REPO / "docs" / "training.md").read_text().split("## Presets per env")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in section.splitlines() if line.startswith("| ")}
+    for env, preset in sac_model.ENV_PRESETS.items():
+        assert preset.source and set(preset.values) <= {f.name for f in dataclasses.fields(SACConfig)}, env
+        SACConfig(env=env, **preset.values).validate()
+        row = next(line for names, line in rows.items() if env in names.split(", "))
+        assert all(f"{sac_model.flag(name)} {value}" in row for name, value in preset.values.items()), row
 
 
 def test_preset_original_gives_exactly_the_spec_values_and_given_flags_win() -> None:
