@@ -409,9 +409,10 @@ def make_env(env_id: str, max_steps: int | None = None, render_mode: str | None 
             warnings.simplefilter("ignore", DeprecationWarning)
             env = gym.make(env_id, max_episode_steps=max_steps, render_mode=render_mode)
     except gym.error.Error as error:
-        raise ConfigError(f"cannot create environment {env_id!r}: {_first_line(error)}") from None
+        extra = " (pip install -r requirements-mujoco.txt)" if "mujoco" in str(error).lower() else ""
+        raise ConfigError(f"cannot create environment {env_id!r}: {first_line(error)}{extra}") from None
     except Exception as error:  # an env's own constructor can fail in any way (missing extras, bad kwargs)
-        raise ConfigError(f"cannot create environment {env_id!r}: {type(error).__name__}: {_first_line(error)}") from None
+        raise ConfigError(f"cannot create environment {env_id!r}: {type(error).__name__}: {first_line(error)}") from None
     if not isinstance(env.observation_space, gym.spaces.Box):
         env.close()
         raise ConfigError(f"{env_id} has a {type(env.observation_space).__name__} observation space; SAC needs a Box")
@@ -1182,7 +1183,7 @@ def missing_compiler() -> str | None:
         from torch._inductor.cpp_builder import get_cpp_compiler
         get_cpp_compiler()
     except Exception as error:  # inductor raises its own error types when no compiler is found
-        return f"no C++ compiler for torch.compile: {_first_line(error)}"
+        return f"no C++ compiler for torch.compile: {first_line(error)}"
     return None
 
 
@@ -1429,7 +1430,7 @@ class SACAgent:
         same batch can be stepped eager. Inductor has failed so on CUDA in earlier torch releases (an AssertionError).
         """
         inner = getattr(error, "inner_exception", error)
-        reason = f"{type(inner).__name__}: {_first_line(inner)}" if str(inner).strip() else type(inner).__name__
+        reason = f"{type(inner).__name__}: {first_line(inner)}" if str(inner).strip() else type(inner).__name__
         self._step, self._graph_replay = self.gradient_step, False
         self.step_runs = f"eager (torch.compile failed: {reason})"
         warnings.warn(f"gradient step: {self.step_runs}", RuntimeWarning, stacklevel=3)
@@ -1574,7 +1575,7 @@ class SACAgent:
             agent.load_state_dict(checkpoint["agent"])
             agent.trained_at_commit = meta.get("git_commit")
         except (TypeError, KeyError, RuntimeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint contents do not fit this code: {_first_line(error)}") from None
+            raise CheckpointError(f"checkpoint contents do not fit this code: {first_line(error)}") from None
         return agent
 
     @classmethod
@@ -1704,7 +1705,7 @@ def checkpoint_config(checkpoint: dict) -> SACConfig:
     try:
         return SACConfig(**(FIELDS_ADDED_LATER | checkpoint["metadata"]["config"]))
     except (TypeError, KeyError) as error:
-        raise CheckpointError(f"checkpoint config does not fit this code: {_first_line(error)}") from None
+        raise CheckpointError(f"checkpoint config does not fit this code: {first_line(error)}") from None
 
 
 def check_checkpoint_fits_env(checkpoint: dict, env: gym.Env, path: str | Path) -> None:
@@ -1736,6 +1737,7 @@ def _load_failure_reason(error: BaseException, path: Path) -> str:
     return "its bytes are not a torch checkpoint"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type where it has none): what a one-line report shows."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -16,11 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import RecordVideo
 
 from plumbing import OneLineErrorParser, fail, find_checkpoint
-from sac_model import CheckpointError, SACError, WriteError, evaluate_policy, load_agent_and_env
+from sac_model import CheckpointError, SACError, WriteError, evaluate_policy, first_line, load_agent_and_env
 
 # A LunarLander agent that ships with the repository, so there is something to watch before training.
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "LunarLanderContinuous-v3.pt"
@@ -96,6 +97,21 @@ def record_checked(play: Callable[[], list[float]], folder: Path, prefix: str) -
     raise failure
 
 
+def check_frames_render(env: gym.Env) -> None:
+    """Draw one frame, or raise SACError saying why not and that --no-video scores without frames."""
+    try:
+        with warnings.catch_warnings():  # GLFW warns before it fails; the failure says it
+            warnings.simplefilter("ignore")
+            env.reset(seed=0)
+            env.render()
+    except Exception as error:  # renderers fail in their own ways: MuJoCo's FatalError, pygame's error, ...
+        env.close()
+        mujoco_gl = f" with MUJOCO_GL={os.environ['MUJOCO_GL']}" if "MUJOCO_GL" in os.environ else ""
+        raise SACError(f"cannot draw {env.spec.id if env.spec else env}'s frames{mujoco_gl}: "
+                       f"{type(error).__name__}: {first_line(error)}; --no-video scores the agent without video"
+                       ) from None
+
+
 def newest_or_pretrained() -> Path:
     """The newest checkpoint under checkpoints/, else the agent shipped in pretrained/."""
     try:
@@ -111,10 +127,14 @@ def visualize(args: argparse.Namespace) -> None:
     if args.episodes <= 0:
         raise SACError(f"--episodes must be positive, got {args.episodes}")
     path = find_checkpoint(args.checkpoint) if args.checkpoint else newest_or_pretrained()
-    # Frames are drawn off-screen; without this SDL looks for a display and prints a bogus error when headless.
+    # Frames are drawn off-screen; without this SDL looks for a display and prints a bogus error when headless,
+    # and MuJoCo's default (GLFW) needs a display: EGL draws without one (where there is a GPU driver or Mesa).
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     agent, env = load_agent_and_env(path, render_mode=None if args.no_video else "rgb_array")
     if not args.no_video:
+        check_frames_render(env)
         folder = Path(args.video_folder)
         check_writable_folder(folder)
         # A fresh prefix per call: RecordVideo overwrites files of the same name, and old videos stay.
