@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import shlex
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from plumbing import CHECKPOINTS_DIR, FINAL_CHECKPOINT, OneLineErrorParser, fail, final_checkpoint, run_state
-from sac_model import SACError, Tag, evaluate_final_agent
+from sac_model import SACConfig, SACError, Tag, env_threshold, evaluate_final_agent
 from lab.configs import CONFIGS, VARIANTS
 from lab.provenance import provenance
 from lab.tables import (
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "results add the confirmation table (default: none, every trial trains its budget)")
     parser.add_argument("--step-points", default=None,
                         help="comma-separated env steps of the table (default: 1/4, 1/2, 3/4 and all of the budget)")
-    parser.add_argument("--threshold", type=float, default=200.0,
-                        help="return whose first reaching is timed (default: 200, LunarLander solved)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="return whose first reaching is timed (default: the study's env's registered solved "
+                             "threshold, 200 on LunarLander)")
     parser.add_argument("--final-episodes", type=int, default=0,
                         help="also evaluate every finished run's final agent over N deterministic episodes on "
                              "train.py's target-check seeds and add their table; kept in final_checks.json, so a "
@@ -193,21 +195,31 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     curves = load_study(study_dir)
     order = {config: i for i, config in enumerate(CONFIGS | VARIANTS)}
     curves = {config: curves[config] for config in sorted(curves, key=lambda c: (order.get(c, len(order)), c))}
-    table, notes = markdown_table(aggregate(curves, points, args.threshold)), TABLE_NOTES
+    threshold = args.threshold if args.threshold is not None else study_threshold(settings)
+    table, notes = markdown_table(aggregate(curves, points, threshold)), TABLE_NOTES
     if settings["target_return"] != "none":
-        table += "\n\n" + confirmation_table(load_study(study_dir, tag=Tag.CHECK_MEAN), args.threshold)
+        table += "\n\n" + confirmation_table(load_study(study_dir, tag=Tag.CHECK_MEAN), threshold)
         notes += "\n\n" + CONFIRMATION_NOTES
     if args.final_episodes:
         returns = final_agent_returns(study_dir, args.final_episodes, args.max_concurrent or os.cpu_count() or 1)
         by_config: dict[str, list[list[float]]] = {config: [] for config in curves}
         for run in sorted(returns, key=lambda run: parse_run_name(run)[1]):  # seed order within a configuration
             by_config.setdefault(parse_run_name(run)[0], []).append(returns[run])
-        table += "\n\n" + final_check_table(by_config, args.threshold)
+        table += "\n\n" + final_check_table(by_config, threshold)
         notes += "\n\n" + FINAL_CHECK_NOTES
     (study_dir / "results.md").write_text(
         results_markdown(args.name, settings, table, notes, unfinished_runs(study_dir)))
-    plot_curves(curves, study_dir / "curves.png", threshold=args.threshold)
+    plot_curves(curves, study_dir / "curves.png", threshold=threshold if math.isfinite(threshold) else None)
     return table
+
+
+def study_threshold(settings: dict) -> float:
+    """The registered solved threshold of the env the study's trials train (--env in its --train-args, else the
+    default env); an env without one times nothing (infinity: never reached)."""
+    env = argparse.ArgumentParser(add_help=False)
+    env.add_argument("--env", default=SACConfig().env)
+    threshold = env_threshold(env.parse_known_args(settings["train_args"])[0].env)
+    return math.inf if threshold is None else threshold
 
 
 def final_agent_returns(study_dir: Path, episodes: int, workers: int) -> dict[str, list[float]]:

@@ -66,7 +66,9 @@ torch.set_num_threads(1)
 
 
 def small_config(**overrides) -> SACConfig:
-    base = dict(env="Pendulum-v1", hidden_size=HIDDEN, batch_size=16, buffer_size=256, max_steps=200)
+    """A small Pendulum config with the twin critic, whatever the default kind: these tests check its math
+    (tests/test_critics.py covers the other kinds)."""
+    base = dict(env="Pendulum-v1", hidden_size=HIDDEN, batch_size=16, buffer_size=256, max_steps=200, critic="twin")
     base.update(overrides)
     return SACConfig(**base)
 

@@ -76,6 +76,13 @@ def test_bootstrap_ci_of_a_constant_sample_has_zero_width() -> None:
     assert bootstrap_ci([7.0], np.mean) == (7.0, 7.0)
 
 
+def test_an_ablation_times_its_own_envs_threshold_unless_told_otherwise() -> None:
+    from lab.ablate import study_threshold
+    assert study_threshold({"train_args": []}) == 200.0  # LunarLander, the default env
+    assert study_threshold({"train_args": ["--env", "BipedalWalker-v3", "--hidden-size", "64"]}) == 300.0
+    assert study_threshold({"train_args": ["--env=Pendulum-v1"]}) == math.inf  # none registered: never reached
+
+
 def test_steps_to_threshold_is_the_first_evaluation_at_or_above_it() -> None:
     steps = [100, 200, 300, 400]
     assert steps_to_threshold(steps, [50, 210, 150, 250]) == 200  # the first crossing, even if it falls back
