@@ -1697,7 +1697,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 # Fields a checkpoint may predate, with the value that gives the design such a checkpoint was trained with
 # (not today's default, which may change).
-FIELDS_ADDED_LATER = {"critic": "twin", "num_critics": 2}
+FIELDS_ADDED_LATER = {"critic": "twin", "num_critics": 2, "policy_delay": 1, "adam_beta1": 0.9}
 
 
 def checkpoint_config(checkpoint: dict) -> SACConfig:

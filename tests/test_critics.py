@@ -3,6 +3,7 @@ sb3-contrib's implementation on the same weights and batch; and checkpoints writ
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 import sac_model
-from sac_model import CRITICS, ConfigError, SACAgent, Tag, TruncatedQuantileCritic, evaluate_policy, make_env
+from sac_model import (
+    CRITICS, ConfigError, SACAgent, SACConfig, Tag, TruncatedQuantileCritic, evaluate_policy, make_env,
+)
 from tests.test_sac_model import pendulum_agent, random_batch, small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +129,9 @@ def test_invalid_critic_flags_are_refused(overrides: dict, message: str) -> None
 def test_a_checkpoint_from_before_critic_kinds_loads_plays_and_resumes_to_the_same_agent(tmp_path: Path) -> None:
     agent = SACAgent.load(OLD_CHECKPOINT)
     assert type(agent.critic_kind) is sac_model.Critic and agent.config.num_critics == 2
+    assert (agent.config.policy_delay, agent.adam_betas) == (1, (0.9, 0.999))  # the design it was trained with
+    assert set(sac_model.FIELDS_ADDED_LATER) == {f.name for f in dataclasses.fields(SACConfig)} - set(
+        sac_model.read_checkpoint(OLD_CHECKPOINT)["metadata"]["config"]) - {"quantiles", "drop_quantiles"}
     env = make_env(agent.env_id)
     try:
         returns = evaluate_policy(agent, env, episodes=2, seed=0)
