@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import shlex
@@ -195,7 +194,7 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
     curves = load_study(study_dir)
     order = {config: i for i, config in enumerate(CONFIGS | VARIANTS)}
     curves = {config: curves[config] for config in sorted(curves, key=lambda c: (order.get(c, len(order)), c))}
-    threshold = args.threshold if args.threshold is not None else study_threshold(settings)
+    threshold = study_threshold(args, settings)
     table, notes = markdown_table(aggregate(curves, points, threshold)), TABLE_NOTES
     if settings["target_return"] != "none":
         table += "\n\n" + confirmation_table(load_study(study_dir, tag=Tag.CHECK_MEAN), threshold)
@@ -209,17 +208,27 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
         notes += "\n\n" + FINAL_CHECK_NOTES
     (study_dir / "results.md").write_text(
         results_markdown(args.name, settings, table, notes, unfinished_runs(study_dir)))
-    plot_curves(curves, study_dir / "curves.png", threshold=threshold if math.isfinite(threshold) else None)
+    plot_curves(curves, study_dir / "curves.png", threshold=threshold)
     return table
 
 
-def study_threshold(settings: dict) -> float:
-    """The registered solved threshold of the env the study's trials train (--env in its --train-args, else the
-    default env); an env without one times nothing (infinity: never reached)."""
+def study_env(settings: dict) -> str:
+    """The env the study's trials train: --env in its --train-args, else the default env."""
     env = argparse.ArgumentParser(add_help=False)
     env.add_argument("--env", default=SACConfig().env)
-    threshold = env_threshold(env.parse_known_args(settings["train_args"])[0].env)
-    return math.inf if threshold is None else threshold
+    return env.parse_known_args(settings["train_args"])[0].env
+
+
+def study_threshold(args: argparse.Namespace, settings: dict) -> float:
+    """The return whose first reaching the tables time: --threshold, else the study's env's registered solved
+    threshold. Raises SACError for an env that registers none, before any trial runs."""
+    if args.threshold is not None:
+        return args.threshold
+    threshold = env_threshold(study_env(settings))
+    if threshold is None:
+        raise SACError(f"{study_env(settings)} registers no solved threshold: give --threshold R, the return whose "
+                       "first reaching the tables time")
+    return threshold
 
 
 def final_agent_returns(study_dir: Path, episodes: int, workers: int) -> dict[str, list[float]]:
@@ -268,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     study_dir = (STUDIES_DIR / args.name).resolve()
     settings = ablation_settings(args, study_dir, parser)
+    try:
+        study_threshold(args, settings)
+    except SACError as error:
+        parser.error(str(error))
     reasons: dict[str, str] = {}
     if not args.aggregate_only:
         check_train_args(settings["train_args"],

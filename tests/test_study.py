@@ -3,6 +3,7 @@ TensorBoard logs, and tiny studies run end to end through `python -m lab.ablate`
 on a local Ray."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from sac_model import TARGET_SEED_OFFSET, SACConfig, evaluate_policy, load_agent_and_env
+from sac_model import TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, load_agent_and_env
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.tables import (  # noqa: E402
@@ -78,9 +79,15 @@ def test_bootstrap_ci_of_a_constant_sample_has_zero_width() -> None:
 
 def test_an_ablation_times_its_own_envs_threshold_unless_told_otherwise() -> None:
     from lab.ablate import study_threshold
-    assert study_threshold({"train_args": []}) == 200.0  # LunarLander, the default env
-    assert study_threshold({"train_args": ["--env", "BipedalWalker-v3", "--hidden-size", "64"]}) == 300.0
-    assert study_threshold({"train_args": ["--env=Pendulum-v1"]}) == math.inf  # none registered: never reached
+
+    def threshold(train_args: list[str], given: float | None = None) -> float:
+        return study_threshold(argparse.Namespace(threshold=given), {"train_args": train_args})
+
+    assert threshold([]) == 200.0  # LunarLander, the default env
+    assert threshold(["--env", "BipedalWalker-v3", "--hidden-size", "64"]) == 300.0
+    assert threshold(["--env=Pendulum-v1"], given=-500.0) == -500.0
+    with pytest.raises(SACError, match="^Pendulum-v1 registers no solved threshold: give --threshold R"):
+        threshold(["--env=Pendulum-v1"])
 
 
 def test_steps_to_threshold_is_the_first_evaluation_at_or_above_it() -> None:
@@ -357,7 +364,7 @@ def test_search_and_confirmation_seeds_never_meet() -> None:
 
 def test_tiny_study_runs_on_local_ray_then_skips_finished_trials(tmp_path: Path) -> None:
     args = ["--name", "tiny", "--budget", "400", "--seeds", "2", "--configs", "full,with_per", "--max-concurrent", "2",
-            "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400",
+            "--eval-every", "1", "--eval-episodes", "1", "--step-points", "200,400", "--threshold", "200",
             "--train-args", "--env Pendulum-v1 --hidden-size 16 --batch-size 16 --buffer-size 1000 "
                             "--start-steps 100 --update-after 300 --no-compile"]
     runs = ["full__seed0", "full__seed1", "with_per__seed0", "with_per__seed1"]
