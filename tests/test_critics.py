@@ -107,6 +107,19 @@ def test_each_critic_kind_takes_a_step_and_logs_each_critics_loss(kind: str) -> 
     assert all(not torch.equal(b, p) for b, p in zip(before, agent.critic.parameters()))
 
 
+@pytest.mark.parametrize("kind", sorted(CRITICS))
+def test_each_critic_kind_steps_with_bf16_products_close_to_fp32(kind: str) -> None:
+    batch = random_batch(3, 1, 16, seed=3)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(5)
+        agent = pendulum_agent(critic=kind, precision=precision)
+        torch.manual_seed(6)
+        losses[precision] = agent.update(batch)[Tag.critic_loss(0)]
+    assert torch.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]  # rounded, so not the same numbers
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=0.05, atol=0.05)
+
+
 def test_a_checkpoint_names_its_critic_kind_and_loads_as_that_kind(tmp_path: Path) -> None:
     agent = pendulum_agent(critic="tqc", quantiles=7, drop_quantiles=3)
     loaded = SACAgent.load(agent.save(tmp_path / "tqc.pt"))
