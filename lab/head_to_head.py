@@ -51,8 +51,12 @@ from sac_model import (
 
 ENV_ID = "LunarLanderContinuous-v3"
 OURS = "ours"
-PEERS = {"sac": ("stable_baselines3", "SAC"), "tqc": ("sb3_contrib", "TQC"), "crossq": ("sb3_contrib", "CrossQ")}
+PEERS = {"sac": ("stable_baselines3", "SAC"), "tqc": ("sb3_contrib", "TQC"), "crossq": ("sb3_contrib", "CrossQ"),
+         # SBX, the JAX version of SB3 (pip install -r requirements-sbx.txt), at the same zoo settings.
+         "sbx_tqc": ("sbx", "TQC"), "sbx_crossq": ("sbx", "CrossQ")}
+ZOO_FILES = {"sbx_tqc": "tqc", "sbx_crossq": "crossq"}  # a peer's zoo hyperparameter file, where not its own name
 ALGOS = (OURS, *PEERS)
+DEFAULT_ALGOS = (OURS, "sac", "tqc", "crossq")  # SBX is an extra install
 DEFAULT_CAP = 300_000
 UNSEEN_SEED, UNSEEN_EPISODES = 1000, 100
 RUN_PREFIX = "h2h"  # ours: runs/h2h_ours__seedN and checkpoints/h2h_ours__seedN under the repository root
@@ -187,7 +191,7 @@ def model_kwargs(entry: dict) -> tuple[dict, int]:
 
 def zoo_hyperparams(algo: str) -> tuple[str, dict, int]:
     """(the key read, the model's keyword arguments, the zoo's budget) for `algo` on LunarLanderContinuous."""
-    key, entry = read_zoo_entry(zoo_hyperparams_file(algo))
+    key, entry = read_zoo_entry(zoo_hyperparams_file(ZOO_FILES.get(algo, algo)))
     kwargs, budget = model_kwargs(entry)
     return key, kwargs, budget
 
@@ -333,6 +337,8 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, star
     if (out_dir / "record.json").is_file():  # finished before its row was written: nothing to train
         return json.loads((out_dir / "record.json").read_text())
     torch.set_num_threads(threads)
+    if PEERS[algo][0] == "sbx":  # XLA's CPU threads, read when jax is first imported (by peer_class, below)
+        os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
     key, kwargs, budget = zoo_hyperparams(algo)
     kwargs.update(overrides or {})
     # The zoo's n_timesteps is the clock of its schedules (lin_ falls to 0 there); the cap stops the run earlier.
@@ -622,7 +628,8 @@ def side_by_side(rows: list[dict]) -> list[str]:
 
 def header(args: argparse.Namespace, command: str) -> list[str]:
     versions = ", ".join(f"{name} {package_version(name)}"
-                         for name in ("torch", "stable-baselines3", "sb3-contrib", "rl_zoo3", "gymnasium"))
+                         for name in ("torch", "stable-baselines3", "sb3-contrib", "rl_zoo3", "gymnasium", "sbx-rl",
+                                      "jax"))
     return ["# Time to a landed lander: ours against SB3's zoo-tuned SAC, TQC and CrossQ", "",
             f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} torch thread(s) a run, {args.parallel} run(s) "
             f"at a time in the study process that wrote this page last; {versions}; "
@@ -671,7 +678,9 @@ def package_version(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m lab.head_to_head", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algos", default=",".join(ALGOS), help=f"among {','.join(ALGOS)} (default: all)")
+    parser.add_argument("--algos", default=",".join(DEFAULT_ALGOS),
+                        help=f"among {','.join(ALGOS)} (default: {','.join(DEFAULT_ALGOS)}; the sbx_ peers need "
+                             "pip install -r requirements-sbx.txt)")
     parser.add_argument("--seeds", default="60-62", help="a range like 60-62 or a list like 60,61 (default: 60-62)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default: 1)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, each its own process (default: 2)")

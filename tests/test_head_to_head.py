@@ -3,6 +3,7 @@ the installed package, resumption and the page. No training beyond a few dozen o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ class OneStepEnv(gym.Env):
 
 
 gym.register(TINY_ID, entry_point=OneStepEnv, reward_threshold=200.0, max_episode_steps=5)
-TARGET = target_return(SACConfig(env=TINY_ID))  # the default run's target on this env: its threshold + 60
+TARGET = target_return(SACConfig(env=TINY_ID))  # the default run's target on this env: its threshold
 
 
 def train_tiny(cap: int, **returns: float):
@@ -204,7 +205,8 @@ def test_an_older_version_of_the_env_is_read_when_the_zoo_has_no_v3_entry(tmp_pa
 
 
 def test_caps_per_algorithm():
-    assert parse_caps("2000") == {"ours": 2000, "sac": 2000, "tqc": 2000, "crossq": 2000}
+    assert parse_caps("2000") == {"ours": 2000, "sac": 2000, "tqc": 2000, "crossq": 2000, "sbx_tqc": 2000,
+                                  "sbx_crossq": 2000}
     caps = parse_caps("300000,crossq=200000")
     assert caps["crossq"] == 200000 and caps["ours"] == caps["sac"] == 300000
     for bad in ("", "0", "ppo=10", "sac=x"):
@@ -243,6 +245,22 @@ def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, 
     model = SAC.load(tmp_path / "model.zip", device="cpu")
     assert model.num_timesteps == 40 and model._total_timesteps == 500_000  # the zoo's clock of its schedules
     assert train_peer("sac", SEED, 1, 40, tmp_path, time.time(), TINY_ID, TINY_SAC) == record  # done: no training
+
+
+@pytest.mark.parametrize("algo", ["sbx_tqc", "sbx_crossq"])
+def test_an_sbx_peer_trains_under_the_check_at_its_sb3_twins_zoo_settings_on_one_xla_thread(
+        tmp_path: Path, algo: str, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("sbx", reason="SBX, the JAX version of SB3: pip install -r requirements-sbx.txt")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the worker sets it; restored after the test
+    _, kwargs, budget = head_to_head.zoo_hyperparams(algo)  # the zoo's entry of its SB3 twin, tqc or crossq
+    assert (kwargs, budget) == head_to_head.zoo_hyperparams(algo.removeprefix("sbx_"))[1:]
+    tiny = {"learning_starts": 15, "buffer_size": 1000, "policy_kwargs": {"net_arch": [8]}, "batch_size": 8}
+    record = train_peer(algo, SEED, 1, 30, tmp_path, time.time(), TINY_ID, tiny, save_every_s=0)
+    assert (record["steps"], record["episodes"]) == (30, 30) and record["updates"] > 0
+    assert [e[0] for e in record["evaluations"]] == [10, 20, 30]
+    model = head_to_head.peer_class(algo).load(tmp_path / "model.zip")
+    assert type(model).__module__.startswith("sbx") and model.num_timesteps == 30
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def confirmation_record(seed: int, target: float = 260.0) -> dict:
