@@ -190,7 +190,8 @@ def build_parser(defaults: SACConfig | None = None) -> argparse.ArgumentParser:
                              "default): the env's own preset where ENV_PRESETS has one (its budget, stop target "
                              "and values, said in the run's first lines); 'none': SACConfig's defaults alone; "
                              "'original': the configuration the repository started from (docs/defaults.md), which "
-                             "trains its whole budget instead of stopping when solved")
+                             "trains its whole budget instead of stopping when solved; 'crossq': CrossQ's critics "
+                             "with its paper's settings (docs/critics.md)")
     add_config_flags(parser, defaults)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
@@ -240,7 +241,7 @@ def preset_line(args: argparse.Namespace, given: set[str]) -> str:
         why = "" if args.preset == "none" else f": ENV_PRESETS has none for {args.env}"
         return f"preset: none, SACConfig's defaults (searched on LunarLander){why}"
     if args.preset != "env":
-        return f"preset: {args.preset} (docs/defaults.md)"
+        return f"preset: {args.preset}, the values of PRESETS[{args.preset!r}] in sac_model.py"
     kept = {name: value for name, value in preset.values.items() if name not in given}
     values = ", ".join(f"{flag(name)} {value:,}" if isinstance(value, int) else f"{flag(name)} {value}"
                        for name, value in kept.items())

@@ -1,16 +1,15 @@
 """Milliseconds per gradient step of each critic configuration, against today's default critic in the same process.
 
-    python benchmarks/critic_cost.py                                  # twin, tqc, crossq (the default); 1 thread
-    python benchmarks/critic_cost.py --configs twin,tqc --threads 2 --repeats 7 --output benchmarks/results/x.md
+    python benchmarks/critic_cost.py                                  # full (the default), tqc, crossq; 1 thread
+    python benchmarks/critic_cost.py --configs full,tqc --threads 2 --repeats 7 --output benchmarks/results/x.md
 
 Each configuration (lab/configs.py: its train.py flags over the defaults) builds a LunarLander-shaped agent
 (8 observations, 2 actions) whose step is compiled, as a default run's is, and draws batches from a uniform
 buffer of random transitions. After a warm-up that compiles every graph the step has (a --policy-delay makes
 two), each repeat times --updates steps of every configuration in turn, so that a noisy neighbour hits them
 all alike. Prints one Markdown row per configuration: the median over repeats, the spread, and the ratio to
-the first configuration's median (the twin design by default, the one CrossQ's critics replaced). The cost
-of an env step at the defaults is about one gradient step plus the env and the action; docs/critics.md's
-budget was a ratio of at most 1.3.
+the first configuration's median. The cost of an env step at the defaults is about one gradient step plus
+the env and the action; docs/critics.md's budget is a ratio of at most 1.3.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ OBS_DIM, ACTION_DIM = 8, 2  # LunarLanderContinuous
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python benchmarks/critic_cost.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="twin,tqc,crossq",
+    parser.add_argument("--configs", default="full,tqc,crossq",
                         help="comma-separated configurations of lab/configs.py; the first is the reference")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration")

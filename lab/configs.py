@@ -10,8 +10,7 @@ def preset_flags(name: str, **changes: object) -> list[str]:
 
 
 # Each component switched the other way on its own; "full" is the method as the repository ships it (with
-# uniform replay and a constant learning rate: PER and StepLR are what a user can turn on). Since CrossQ's
-# critics became the default, --no-layer-norm leaves only the actor without LayerNorm (the critics have none).
+# uniform replay and a constant learning rate: PER and StepLR are what a user can turn on).
 CONFIGS = {
     "full": [],
     "with_per": ["--buffer", "prioritized"],
@@ -20,17 +19,13 @@ CONFIGS = {
     "no_layer_norm": ["--no-layer-norm"],
     "no_grad_clip": ["--grad-clip", "0"],
 }
-TWIN = preset_flags("twin")  # the default design before CrossQ's critics (docs/critics.md)
 # Other ways to run the same method, compared only when --configs names them (never part of the default study).
 VARIANTS = {
     "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
     # The default before the run stopped at 260: the first check that clears the env's solved threshold.
     "stop_at_200": ["--target-return", "auto"],
     # The critic kinds of docs/critics.md's pilots, each with the flags it ran with.
-    "twin": TWIN,
-    "tqc": preset_flags("twin", critic="tqc"),  # 2 critics x 25 quantiles, 2 dropped per critic: sb3-contrib's
+    "tqc": ["--critic", "tqc"],  # 2 critics x 25 quantiles, 2 dropped per critic: sb3-contrib's and rl-zoo3's
     # CrossQ's paper's optimizer settings beside its critics; the rest (n-step 3, batch 256, width 256) ours.
-    # The defaults since docs/critics.md's rule picked them for its confirmation.
-    "crossq": ["--critic", "crossq", "--policy-delay", "3", "--adam-beta1", "0.5", "--lr-actor", "1e-3",
-               "--lr-critic", "1e-3", "--lr-alpha", "1e-3"],
+    "crossq": preset_flags("crossq"),
 }

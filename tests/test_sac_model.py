@@ -67,10 +67,9 @@ torch.set_num_threads(1)
 
 
 def small_config(**overrides) -> SACConfig:
-    """A small Pendulum config of the twin design (PRESETS["twin"]), whatever the default kind: these tests check
-    its math (tests/test_critics.py covers the other kinds)."""
-    base = dict(sac_model.PRESETS["twin"], env="Pendulum-v1", hidden_size=HIDDEN, batch_size=16, buffer_size=256,
-                max_steps=200)
+    """A small Pendulum config with the twin critic, whatever the default kind: these tests check its math
+    (tests/test_critics.py covers the other kinds)."""
+    base = dict(env="Pendulum-v1", hidden_size=HIDDEN, batch_size=16, buffer_size=256, max_steps=200, critic="twin")
     base.update(overrides)
     return SACConfig(**base)
 
@@ -1424,12 +1423,12 @@ def test_config_defaults_are_the_default_run_design_on_the_searchs_trial():
     assert values["status"] == "complete" and values["env steps"] == "100,000"
     hyperparameters = header[header.index("status") + 1:]
     assert len(hyperparameters) == 13 and "lr_gamma" in hyperparameters
-    searched = SACConfig(**PRESETS["twin"])  # the learning rates are CrossQ's now; the twin design keeps the search's
     for name in set(hyperparameters) - {"lr_gamma"}:  # StepLR is off: its period and PER's values wait for a flag
-        assert getattr(searched, name) == float(values[name]), name
-        assert name.startswith("lr_") or getattr(config, name) == getattr(searched, name), name
-    assert (config.critic, config.policy_delay, config.adam_beta1, config.lr_actor, config.lr_critic,
-            config.lr_alpha) == ("crossq", 3, 0.5, 1e-3, 1e-3, 1e-3)  # CrossQ's paper's (docs/critics.md)
+        assert getattr(config, name) == float(values[name]), name
+    assert (config.critic, config.policy_delay, config.adam_beta1) == ("twin", 1, 0.9)
+    crossq = SACConfig(**PRESETS["crossq"])  # CrossQ's paper's settings (docs/critics.md)
+    assert (crossq.critic, crossq.policy_delay, crossq.adam_beta1, crossq.lr_actor, crossq.lr_critic,
+            crossq.lr_alpha) == ("crossq", 3, 0.5, 1e-3, 1e-3, 1e-3)
     SACConfig(gamma=1.0, batch_size=100, buffer_size=100).validate()  # boundaries are allowed
 
 

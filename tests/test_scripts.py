@@ -704,6 +704,9 @@ def test_an_envs_preset_sets_its_budget_says_so_and_flags_given_or_preset_none_w
                                                          "MountainCarContinuous-v0")
     assert line("--env", "BipedalWalker-v3", "--preset", "none") == (
         "preset: none, SACConfig's defaults (searched on LunarLander)")
+    assert line("--preset", "crossq") == "preset: crossq, the values of PRESETS['crossq'] in sac_model.py"
+    crossq = config("--preset", "crossq")
+    assert (crossq.critic, crossq.policy_delay, crossq.lr_critic, crossq.tau) == ("crossq", 3, 1e-3, SACConfig().tau)
 
 
 def test_every_env_preset_is_a_valid_config_with_its_source_and_the_docs_table_names_it() -> None:
