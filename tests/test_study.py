@@ -297,6 +297,7 @@ def closed_port() -> int:
     ("lab.ablate", ["--seeds", "101"], "would reuse the search's seeds"),
     ("lab.ablate", ["--first-seed", "98", "--seeds", "3"], "seeds 98 .. 100 would reuse the search's seeds"),
     ("lab.ablate", ["--first-seed", "-1"], "--first-seed must be >= 0"),
+    ("lab.ablate", ["--train-args", "--env Pendulum-v1"], "Pendulum-v1 registers no solved threshold: give --threshold R"),
     ("lab.search", ["--trials", "0"], "--trials must be positive"),
     ("lab.search", ["--train-args", "--batch-size 64"], "--train-args may not set --batch-size"),
     ("lab.search", ["--train-args", "--target-return 5"], "--train-args may not set --target-return"),
@@ -418,7 +419,7 @@ def test_ablate_refuses_a_trial_folder_it_did_not_make(tmp_path: Path) -> None:
     final = study / "checkpoints" / "full__seed0" / "final.pt"
     before = final.read_bytes()
     result = run_study("lab.ablate", tmp_path, "--name", "clash", "--budget", "200", "--seeds", "1",
-                       "--configs", "full", "--train-args", train_args, timeout=120)
+                       "--configs", "full", "--threshold", "-500", "--train-args", train_args, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "is not this study's full__seed0: it was trained with --hidden-size 32, the study sets 16" in result.stderr
