@@ -92,6 +92,17 @@ class Study:
         run = self.run_name(seed)
         return run in self.results and "unseen" in self.results[run]
 
+    def complete_records(self) -> None:
+        """Give finished records written before lab.confirm kept a run's env and evaluation curve both, read from
+        their final checkpoints where these are still here (the pages and tables that compare envs need them)."""
+        for run, record in self.results.items():
+            final = final_checkpoint(self.checkpoints(run))
+            if "unseen" in record and not {"env", "evaluations"} <= record.keys() and final.is_file():
+                checkpoint = read_checkpoint(final)
+                record.update(env=checkpoint_config(checkpoint).env,
+                              evaluations=TrainingState.of(checkpoint, final).eval_history)
+                self.save()
+
     def record(self, seed: int) -> dict:
         return self.results[self.run_name(seed)]
 
@@ -128,7 +139,8 @@ class Study:
             raise SACError(f"{run} exited with code {returncode}; see {self.folder / (run + '.log')}")
         checkpoint = read_checkpoint(final)
         training, config = TrainingState.of(checkpoint, final), checkpoint_config(checkpoint)
-        record.update(steps=training.global_step, updates=training.updates, cap=config.total_steps,
+        record.update(env=config.env, evaluations=training.eval_history, steps=training.global_step,
+                      updates=training.updates, cap=config.total_steps,
                       checks=training.target_checks, target=target_return(config),
                       threshold=env_threshold(config.env),
                       std_errors=config.target_std_errors, target_episodes=config.target_episodes)
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after_losses and not args.baseline:
             raise SACError("--stop-after-losses counts losses against a --baseline: name one")
         study = Study(args.name, args)
+        study.complete_records()
         if not args.report_only:
             run(study, seeds)
         print(f"wrote {', '.join(str(p) for p in write_report(study, seeds))}")

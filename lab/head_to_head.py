@@ -1,22 +1,27 @@
-"""Head to head: wall time to a landed lander, this repository's default run against Stable-Baselines3's
-SAC and sb3-contrib's TQC and CrossQ at rl-zoo3's tuned LunarLanderContinuous hyperparameters.
+"""Head to head: this repository's default run against Stable-Baselines3's SAC and sb3-contrib's TQC and CrossQ
+at rl-zoo3's tuned hyperparameters for the env. On LunarLanderContinuous, the default, it measures wall time to
+a landed lander; on an env whose preset trains a fixed budget (the MuJoCo envs), wall time to the budget and the
+final agent's return.
 
     python -m lab.head_to_head --algos ours,sac,tqc,crossq --seeds 60-62 --threads 1 --parallel 2 --commit
+    python -m lab.head_to_head --env Hopper-v5 --algos sac --seeds 0 --ours-from docs/studies/hopper_300k.json
 
 Every run is its own process with the same torch thread count, `--parallel` at a time, on the same seeds. Ours
 is `python train.py --seed N --threads 1` exactly as a user starts it; each peer is this module's worker
 (`--worker ALGO`) training the zoo's model with `learn`. All of them are judged by train.py's solved check,
-unchanged: after every 10th episode a 10-episode deterministic evaluation (seeds from `evaluation_seed`);
-when its mean reaches the default run's target (`target_return(SACConfig())`: 260 on LunarLander, its solved
-threshold 200 plus 60), 100 deterministic episodes no earlier check played (seeds from `check_seed`) decide:
-solved when their mean minus 2 standard errors reaches the target (`is_solved`). A run stops when solved or
-at `--cap` env steps. Each finished run's final agent then plays episodes 1000-1099.
+unchanged, with the env's preset (`check_config`): after every 10th episode a 10-episode deterministic
+evaluation (seeds from `evaluation_seed`); when its mean reaches the default run's target (260 on LunarLander,
+its solved threshold 200 plus 60), 100 deterministic episodes no earlier check played (seeds from `check_seed`)
+decide: solved when their mean minus 2 standard errors reaches the target (`is_solved`). A run stops when solved
+or at `--cap` env steps (default: the preset's budget). Each finished run's final agent then plays
+`--unseen-episodes` episodes from seed 1000.
 
 Rows go to `--output` (a Markdown page) and its JSON sidecar as each run finishes; the same command run again
 skips the (algorithm, seed) pairs the sidecar holds. An interrupted peer resumes from its last resume point (saved
 at the first episode end after every SAVE_EVERY_S seconds of training: model, optimizers and replay buffer), its
 wall time summed over its processes; an interrupted run of ours starts over. `--ours-from` takes our rows from
-the default run's confirmation on the same CPU (`lab.confirm`'s results file) instead of training ours again.
+the default run's confirmation on the same CPU and env (`lab.confirm`'s results file) instead of training ours
+again.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ from lab.provenance import cpu_name
 from lab.records import commit, parse_seeds, solved_at, wall_minutes
 from plumbing import CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, code_version, fail, final_checkpoint
 from sac_model import (
-    SACConfig, SACError, check_lower_bound, check_seed, checkpoint_config, evaluate_policy, evaluation_seed,
-    is_solved, load_agent_and_env, make_env, read_checkpoint, target_return,
+    SACConfig, SACError, check_lower_bound, check_seed, checkpoint_config, env_threshold, evaluate_policy,
+    evaluation_seed, is_solved, load_agent_and_env, make_env, preset_values, read_checkpoint, target_return,
 )
 
 ENV_ID = "LunarLanderContinuous-v3"
@@ -57,7 +62,6 @@ PEERS = {"sac": ("stable_baselines3", "SAC"), "tqc": ("sb3_contrib", "TQC"), "cr
 ZOO_FILES = {"sbx_tqc": "tqc", "sbx_crossq": "crossq"}  # a peer's zoo hyperparameter file, where not its own name
 ALGOS = (OURS, *PEERS)
 DEFAULT_ALGOS = (OURS, "sac", "tqc", "crossq")  # SBX is an extra install
-DEFAULT_CAP = 300_000
 UNSEEN_SEED, UNSEEN_EPISODES = 1000, 100
 RUN_PREFIX = "h2h"  # ours: runs/h2h_ours__seedN and checkpoints/h2h_ours__seedN under the repository root
 # A peer's resume point after every this many seconds: a run killed with its session redoes at most about this much
@@ -189,9 +193,9 @@ def model_kwargs(entry: dict) -> tuple[dict, int]:
     return entry, budget
 
 
-def zoo_hyperparams(algo: str) -> tuple[str, dict, int]:
-    """(the key read, the model's keyword arguments, the zoo's budget) for `algo` on LunarLanderContinuous."""
-    key, entry = read_zoo_entry(zoo_hyperparams_file(ZOO_FILES.get(algo, algo)))
+def zoo_hyperparams(algo: str, env_id: str = ENV_ID) -> tuple[str, dict, int]:
+    """(the key read, the model's keyword arguments, the zoo's budget) for `algo` on the env."""
+    key, entry = read_zoo_entry(zoo_hyperparams_file(ZOO_FILES.get(algo, algo)), env_id)
     kwargs, budget = model_kwargs(entry)
     return key, kwargs, budget
 
@@ -212,8 +216,9 @@ class SB3Actor:
 
 
 def check_config(seed: int, env_id: str = ENV_ID) -> SACConfig:
-    """train.py's defaults for this seed: where the check's cadence, episodes, target and bound are defined."""
-    return SACConfig(env=env_id, seed=seed)
+    """What `python train.py --env ENV --seed N` runs with (the defaults and the env's preset): where the check's
+    cadence, episodes, target and bound, and the run's budget, are defined."""
+    return SACConfig(env=env_id, seed=seed, **preset_values("env", env_id))
 
 
 def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[], None] | None = None,
@@ -339,7 +344,7 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, star
     torch.set_num_threads(threads)
     if PEERS[algo][0] == "sbx":  # XLA's CPU threads, read when jax is first imported (by peer_class, below)
         os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
-    key, kwargs, budget = zoo_hyperparams(algo)
+    key, kwargs, budget = zoo_hyperparams(algo, env_id)
     kwargs.update(overrides or {})
     # The zoo's n_timesteps is the clock of its schedules (lin_ falls to 0 there); the cap stops the run earlier.
     clock = max(budget, cap)
@@ -396,9 +401,12 @@ def parse_algos(text: str) -> list[str]:
     return algos
 
 
-def parse_caps(text: str) -> dict[str, int]:
-    """'300000' (every algorithm) or '300000,crossq=200000' (a default and per-algorithm caps)."""
-    caps = dict.fromkeys(ALGOS, DEFAULT_CAP)
+def parse_caps(text: str | None, default: int) -> dict[str, int]:
+    """'300000' (every algorithm) or '300000,crossq=200000' (a default and per-algorithm caps); None: `default`
+    for every algorithm."""
+    caps = dict.fromkeys(ALGOS, default)
+    if text is None:
+        return caps
     for part in text.split(","):
         algo, equals, number = part.strip().rpartition("=")
         if not number.isdigit() or int(number) <= 0 or (equals and algo not in ALGOS):
@@ -425,7 +433,10 @@ class Study:
         if args.ours_from:
             if args.threads != 1:
                 raise SACError("--ours-from: a confirmation's runs have one thread each; use --threads 1")
-            for seed, record in confirmation_rows(Path(args.ours_from)).items():
+            for seed, record in confirmation_rows(Path(args.ours_from), args.env).items():
+                if len(record["unseen"]) != args.unseen_episodes:
+                    raise SACError(f"--ours-from: its final agents played {len(record['unseen'])} unseen episodes; "
+                                   f"give --unseen-episodes {len(record['unseen'])} so that the peers play the same")
                 self.rows.setdefault(row_key(OURS, seed), record)
 
     def pending(self, algos: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -438,7 +449,7 @@ class Study:
         if self.results_path.is_file():
             self.rows = {**json.loads(self.results_path.read_text())["rows"], **self.rows}
         self.results_path.write_text(json.dumps({"rows": self.rows}, indent=1))
-        self.page_path.write_text(page(self.rows, header(self.args, self.command)))
+        self.page_path.write_text(page(self.rows, header(self.args, self.command), self.args.env))
         return [self.page_path, self.results_path]
 
     def run_name(self, algo: str, seed: int) -> str:
@@ -448,12 +459,13 @@ class Study:
         """Ours: train.py in the repository root, started over if an earlier session left it unfinished (its wall
         time is one process's). A peer: this module's worker, which resumes from its own resume point."""
         cap, run = self.args.caps[algo], self.run_name(algo, seed)
+        env = [] if self.args.env == ENV_ID else ["--env", self.args.env]
         if algo == OURS:
-            flags = ["--seed", str(seed), "--threads", str(self.args.threads), "--run-name", run]
-            if cap != SACConfig().total_steps:
+            flags = ["--seed", str(seed), "--threads", str(self.args.threads), "--run-name", run, *env]
+            if cap != check_config(seed, self.args.env).total_steps:
                 flags += ["--total-steps", str(cap)]
             return launch.train_command(REPO, run, [*flags, *shlex.split(self.args.train_args)], restart=True)
-        return [sys.executable, "-m", "lab.head_to_head", "--worker", algo, "--seeds", str(seed),
+        return [sys.executable, "-m", "lab.head_to_head", "--worker", algo, "--seeds", str(seed), *env,
                 "--threads", str(self.args.threads), "--cap", str(cap), "--work-dir", str((self.work / run).resolve())]
 
     def start(self, algo: str, seed: int) -> dict:
@@ -492,36 +504,42 @@ class Study:
         else:
             folder = self.work / self.run_name(algo, seed)
             record = json.loads((folder / "record.json").read_text())
-            agent, env = SB3Actor(peer_class(algo).load(folder / "model.zip", device="cpu")), make_env(ENV_ID)
+            agent, env = SB3Actor(peer_class(algo).load(folder / "model.zip", device="cpu")), make_env(self.args.env)
         try:
-            unseen, kinds = outcomes.play_episodes(agent, env, UNSEEN_EPISODES, UNSEEN_SEED,
-                                                   outcomes.classifiable(ENV_ID))
+            unseen, kinds = outcomes.play_episodes(agent, env, self.args.unseen_episodes, UNSEEN_SEED,
+                                                   outcomes.classifiable(self.args.env))
         finally:
             env.close()
-        record.update(algo=algo, seed=seed, cap=self.args.caps[algo], unseen=unseen,
-                      crashes=sum(kind in outcomes.CRASHES for kind in kinds),
+        record.update(algo=algo, seed=seed, env=self.args.env, cap=self.args.caps[algo], unseen=unseen,
+                      crashes=None if kinds is None else sum(kind in outcomes.CRASHES for kind in kinds),
                       command=shown(self.commands[algo, seed]), commit=code_version())
         self.rows[row_key(algo, seed)] = record
         return record
 
 
-def confirmation_rows(path: Path) -> dict[int, dict]:
+def confirmation_rows(path: Path, env_id: str = ENV_ID) -> dict[int, dict]:
     """Our default run's finished rows in a `lab.confirm` results file, as rows of this page, keyed by seed. Its
-    runs must have stopped at today's default target: a confirmation of another design is not our side."""
+    runs must have trained this env and stopped at today's default target for it: a confirmation of another design
+    is not our side."""
     if not path.is_file():
         raise SACError(f"--ours-from: {path} does not exist (a lab.confirm results file, docs/studies/<name>.json)")
-    rows, target = {}, target_return(SACConfig())
+    rows, target = {}, target_return(check_config(0, env_id))
     for record in json.loads(path.read_text()).values():
         if "unseen" not in record:
             continue  # not finished
+        if record.get("env", ENV_ID) != env_id:  # records from before lab.confirm named the env trained LunarLander
+            raise SACError(f"--ours-from: {path} trained {record.get('env', ENV_ID)}, not {env_id}")
         if record["target"] != target:
-            raise SACError(f"--ours-from: {path} ran to a target of {record['target']:g}; today's default run stops at "
-                           f"{target:g}: run ours instead")
+            raise SACError(f"--ours-from: {path} ran to a target of {record['target']}; today's default run on "
+                           f"{env_id} stops at {target}: run ours instead")
+        env = "" if env_id == ENV_ID else f" --env {env_id}"
         rows[record["seed"]] = {
-            "algo": OURS, "seed": record["seed"], "steps": record["steps"], "updates": record["updates"],
-            "minutes": wall_minutes(record), "solved": solved_at(record) is not None, "cap": record["cap"],
-            "checks": record["checks"], "unseen": record["unseen"], "crashes": record["unseen_crashes"],
-            "command": f"python train.py --seed {record['seed']} --threads 1", "commit": None, "source": str(path)}
+            "algo": OURS, "seed": record["seed"], "env": env_id, "steps": record["steps"],
+            "updates": record["updates"], "minutes": wall_minutes(record), "solved": solved_at(record) is not None,
+            "cap": record["cap"], "checks": record["checks"], "evaluations": record.get("evaluations"),
+            "unseen": record["unseen"], "crashes": record.get("unseen_crashes"),
+            "command": f"python train.py --seed {record['seed']} --threads 1{env}", "commit": None,
+            "source": str(path)}
     return rows
 
 
@@ -563,34 +581,59 @@ def run(study: Study, pairs: list[tuple[str, int]]) -> None:
 # The page
 # --------------------------------------------------------------------------------------------
 
-COLUMNS = ["algorithm", "seed", "env steps", "gradient steps", "wall time (min)", "solved",
-           "last 100-episode check", f"unseen {UNSEEN_SEED}-{UNSEEN_SEED + UNSEEN_EPISODES - 1}: mean",
-           "std", ">= 200", "< 0", "crashes"]
+def columns(env_id: str) -> list[str]:
+    return ["algorithm", "seed", "env steps", "gradient steps", "wall time (min)", "solved",
+            "last 100-episode check", f"unseen from seed {UNSEEN_SEED}: mean", "std",
+            f">= {threshold_label(env_id)}", "< 0", "crashes"]
 
 
-def row_cells(record: dict) -> list[str]:
+def threshold_label(env_id: str) -> str:
+    """The env's registered solved threshold, as the unseen episodes are counted against it."""
+    threshold = env_threshold(env_id)
+    return "threshold (none)" if threshold is None else f"{threshold:g}"
+
+
+def count_at_threshold(unseen: np.ndarray, env_id: str) -> float | None:
+    threshold = env_threshold(env_id)
+    return None if threshold is None else float((unseen >= threshold).sum())
+
+
+def shown_count(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def row_cells(record: dict, env_id: str = ENV_ID) -> list[str]:
     unseen = np.asarray(record["unseen"])
     check = record["checks"][-1] if record["checks"] else None
+    if target_return(check_config(record["seed"], env_id)) is None:
+        solved = f"no stop (budget {record['cap']:,})"
+    else:
+        solved = "yes" if record["solved"] else f"no (cap {record['cap']:,})"
     return [record["algo"], str(record["seed"]), f"{record['steps']:,}", f"{record['updates']:,}",
-            f"{record['minutes']:.1f}",
-            "yes" if record["solved"] else f"no (cap {record['cap']:,})",
+            f"{record['minutes']:.1f}", solved,
             f"{check[1]:.1f} +/- {check[2]:.1f}" if check else "none", f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
-            str(int((unseen >= 200).sum())), str(int((unseen < 0).sum())), str(record["crashes"])]
+            shown_count(count_at_threshold(unseen, env_id)), str(int((unseen < 0).sum())),
+            shown_count(record["crashes"])]
 
 
 def seed_list(seeds: list[int]) -> str:
     return ", ".join(str(seed) for seed in sorted(seeds))
 
 
-def summary(rows: list[dict]) -> list[str]:
+def median_or_none(values: list[float | None]) -> float | None:
+    """The median, or None where a row has no value (crashes are counted on LunarLander only)."""
+    return None if any(v is None for v in values) else float(np.median(values))
+
+
+def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     """Per algorithm: solved count, median wall time (an unsolved run counts with its time to the cap), ours'
     median on the same seeds and the ratio of the two, median env steps, and the final agents' quality."""
     algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
     ours = {r["seed"]: r["minutes"] for r in by_algo.get(OURS, [])}
     lines = ["| algorithm | seeds | solved | median wall time (min) | ours on these seeds (min) | x ours | "
-             "median env steps | unseen mean: median | unseen >= 200: median | unseen < 0: median | "
-             "crashes: median |", "| --- " * 11 + "|"]
+             f"median env steps | unseen mean: median | unseen >= {threshold_label(env_id)}: median | "
+             "unseen < 0: median | crashes: median |", "| --- " * 11 + "|"]
     for algo, group in by_algo.items():
         minutes = float(np.median([r["minutes"] for r in group]))
         unseen = [np.asarray(r["unseen"]) for r in group]
@@ -603,9 +646,9 @@ def summary(rows: list[dict]) -> list[str]:
         lines.append(f"| {algo} | {seed_list([r['seed'] for r in group])} | {sum(r['solved'] for r in group)} | "
                      f"{minutes:.1f} | {same_seeds} | {np.median([r['steps'] for r in group]):,.0f} | "
                      f"{np.median([u.mean() for u in unseen]):.1f} | "
-                     f"{np.median([(u >= 200).sum() for u in unseen]):g} | "
+                     f"{shown_count(median_or_none([count_at_threshold(u, env_id) for u in unseen]))} | "
                      f"{np.median([(u < 0).sum() for u in unseen]):g} | "
-                     f"{np.median([r['crashes'] for r in group]):g} |")
+                     f"{shown_count(median_or_none([r['crashes'] for r in group]))} |")
     return lines
 
 
@@ -626,39 +669,58 @@ def side_by_side(rows: list[dict]) -> list[str]:
     return lines
 
 
+def title(env_id: str) -> str:
+    if env_id == ENV_ID:
+        return "# Time to a landed lander: ours against SB3's zoo-tuned SAC, TQC and CrossQ"
+    return f"# {env_id}: ours against SB3's zoo-tuned SAC, TQC and CrossQ at the same budget"
+
+
 def header(args: argparse.Namespace, command: str) -> list[str]:
     versions = ", ".join(f"{name} {package_version(name)}"
                          for name in ("torch", "stable-baselines3", "sb3-contrib", "rl_zoo3", "gymnasium", "sbx-rl",
-                                      "jax"))
-    return ["# Time to a landed lander: ours against SB3's zoo-tuned SAC, TQC and CrossQ", "",
+                                      "jax", "mujoco"))
+    return [title(args.env), "",
             f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.threads} torch thread(s) a run, {args.parallel} run(s) "
             f"at a time in the study process that wrote this page last; {versions}; "
             f"git commit {code_version() or 'unknown'}.", "",
             f"Command (the last): `{command}`", ""]
 
 
-def page(rows: dict[str, dict], head: list[str]) -> str:
+def stop_terms(env_id: str) -> str:
+    """How this page's runs end, in words: at train.py's check, or at the preset's fixed budget."""
+    config = check_config(0, env_id)
+    target = target_return(config)
+    if target is None:
+        return (f"No stop: every run trains {env_id}'s preset budget, {config.total_steps:,} env steps, as benchmark "
+                "tables train (the 'solved' column says so); a 10-episode deterministic evaluation every 10 episodes "
+                "gives the curves. ")
+    return (f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation every 10 "
+            f"episodes; when it reaches {target:g}, 100 fresh deterministic episodes, passed at mean - 2 standard "
+            f"errors >= {target:g}). ")
+
+
+def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
     ordered = sorted(rows.values(), key=lambda r: (ALGOS.index(r["algo"]), r["seed"]))
-    lines = [*head, "| " + " | ".join(COLUMNS) + " |", "| --- " * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in ordered]
+    header_cells = columns(env_id)
+    lines = [*head, "| " + " | ".join(header_cells) + " |", "| --- " * len(header_cells) + "|"]
+    lines += ["| " + " | ".join(row_cells(r, env_id)) + " |" for r in ordered]
     if ordered:
-        lines += ["", *summary(ordered)]
+        lines += ["", *summary(ordered, env_id)]
     if any(r["algo"] != OURS for r in ordered):
         lines += ["", "Seed by seed:", "", *side_by_side(ordered)]
     commits = sorted({r["commit"] for r in ordered} - {code_version(), None})
     sources = sorted({r["source"] for r in ordered if r.get("source")})
-    target = f"{target_return(SACConfig()):g}"
-    lines += ["", f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation "
-              f"every 10 episodes; when it reaches {target}, 100 fresh deterministic episodes, passed at mean - 2 "
-              f"standard errors >= {target}). "
+    crashes = ("crashes: episodes the env ended with the lander's body on the ground or out of bounds (lab.outcomes), "
+               "which a return below 0 does not always show" if outcomes.classifiable(env_id)
+               else "crashes: '-', the diagnosis is LunarLander's")
+    lines += ["", stop_terms(env_id) +
               "Wall time: from the run's process start (imports and, for ours, compiling the step included) to its "
               "exit (ours) or its saved model (peers), summed over the processes of a resumed run; unsolved runs at "
-              "their cap. Unseen: the final agent, deterministic; crashes: episodes the env ended with the lander's "
-              "body on the ground or out of bounds (lab.outcomes), which a return below 0 does not always show. "
+              f"their cap. Unseen: the final agent, deterministic, on episodes no check played; {crashes}. "
               "Peers: rl-zoo3's "
               "hyperparameters for the env, read from the installed package; `learn` is given the zoo's n_timesteps, "
-              "the clock of its lin_ schedules (500k for SAC and TQC; the cap where larger, as for CrossQ's 200k "
-              "without a schedule), and is stopped by the check or the cap. "
+              "the clock of its lin_ schedules (500k for SAC and TQC on LunarLander; the cap where larger), and is "
+              "stopped by the check or the cap. "
               "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
     if commits:
         lines += ["", f"Other rows ran at commit(s) {', '.join(commits)}."]
@@ -684,15 +746,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="60-62", help="a range like 60-62 or a list like 60,61 (default: 60-62)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default: 1)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, each its own process (default: 2)")
-    parser.add_argument("--cap", default=str(DEFAULT_CAP),
-                        help="most env steps a run takes: N, or per algorithm like 300000,crossq=200000 "
-                             f"(default: {DEFAULT_CAP})")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "time_to_solved.md"),
-                        help="the Markdown page; its JSON sidecar (.json) holds the raw rows and makes a rerun resume")
+    parser.add_argument("--env", default=ENV_ID,
+                        help=f"the env every run trains, with its preset (default: {ENV_ID}); a peer reads the zoo's "
+                             "entry for it, or for the same env at another version")
+    parser.add_argument("--cap", help="most env steps a run takes: N, or per algorithm like 300000,crossq=200000 "
+                                      "(default: the env preset's budget, 300000 on LunarLander)")
+    parser.add_argument("--unseen-episodes", type=int, default=UNSEEN_EPISODES,
+                        help=f"episodes each final agent plays from seed {UNSEEN_SEED} (default: {UNSEEN_EPISODES})")
+    parser.add_argument("--output", help="the Markdown page; its JSON sidecar (.json) holds the raw rows and makes a "
+                                         "rerun resume (default: benchmarks/results/time_to_solved.md on LunarLander, "
+                                         "else benchmarks/results/head_to_head_<env>.md)")
     parser.add_argument("--train-args", default="",
                         help="extra train.py flags for ours (a smoke test; the study has none)")
-    parser.add_argument("--work-dir", default=str(REPO / "studies" / "time_to_solved"),
-                        help="logs and the peers' saved models (default: studies/time_to_solved)")
+    parser.add_argument("--work-dir", help="logs and the peers' saved models (default: studies/time_to_solved on "
+                                           "LunarLander, else studies/head_to_head_<env>)")
     parser.add_argument("--ours-from", metavar="JSON",
                         help="take our rows from the default run's confirmation on this CPU (lab.confirm's "
                              "docs/studies/<name>.json) instead of running ours")
@@ -704,14 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def time_to_solved(args: argparse.Namespace, argv: list[str]) -> None:
     """Train the study's pending runs (or, as a worker, one peer's run) and write the results page."""
-    seeds, algos, args.caps = parse_seeds(args.seeds), parse_algos(args.algos), parse_caps(args.cap)
-    if args.threads <= 0 or args.parallel <= 0:
-        raise SACError("--threads and --parallel must be positive")
+    make_env(args.env).close()  # an env that cannot be made is refused before any run starts
+    seeds, algos = parse_seeds(args.seeds), parse_algos(args.algos)
+    args.caps = parse_caps(args.cap, check_config(seeds[0], args.env).total_steps)
+    if args.threads <= 0 or args.parallel <= 0 or args.unseen_episodes <= 0:
+        raise SACError("--threads, --parallel and --unseen-episodes must be positive")
+    name = "time_to_solved" if args.env == ENV_ID else f"head_to_head_{args.env}"
+    args.output = args.output or str(REPO / "benchmarks" / "results" / f"{name}.md")
+    args.work_dir = args.work_dir or str(REPO / "studies" / name)
     if args.worker:
         if len(seeds) != 1:
             raise SACError("--worker trains one seed")
         train_peer(args.worker, seeds[0], args.threads, args.caps[args.worker], Path(args.work_dir),
-                   args.started_at or time.time())
+                   args.started_at or time.time(), args.env)
         return
     study = Study(args, shlex.join(["python", "-m", "lab.head_to_head", *argv]))
     pairs = study.pending(algos, seeds)

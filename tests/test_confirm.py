@@ -139,6 +139,14 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     assert (tmp_path / "docs" / "pilot.png").stat().st_size > 1000
     results = json.loads((tmp_path / "docs" / "pilot.json").read_text())
     assert [len(results[f"defaults__seed{s}"]["unseen"]) for s in (3, 4)] == [3, 3]
+    seed3 = results["defaults__seed3"]
+    assert seed3["env"] == "Pendulum-v1" and [e[0] for e in seed3["evaluations"]] == [200]  # the curve, per eval
+    # A record written before lab.confirm kept env and curve gets both from its final checkpoint, still here.
+    (tmp_path / "docs" / "pilot.json").write_text(json.dumps(
+        {**results, "defaults__seed3": {k: v for k, v in seed3.items() if k not in ("env", "evaluations")}}))
+    report = confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--report-only")
+    assert report.returncode == 0, report.stderr
+    assert json.loads((tmp_path / "docs" / "pilot.json").read_text())["defaults__seed3"] == seed3
 
     # lab.diagnose on one of these runs: Pendulum's one 200-step episode ended at its time limit, not in a crash.
     run_dir = tmp_path / "studies" / "pilot" / "runs" / "defaults__seed3"

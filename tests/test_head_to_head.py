@@ -205,23 +205,31 @@ def test_an_older_version_of_the_env_is_read_when_the_zoo_has_no_v3_entry(tmp_pa
 
 
 def test_caps_per_algorithm():
-    assert parse_caps("2000") == {"ours": 2000, "sac": 2000, "tqc": 2000, "crossq": 2000, "sbx_tqc": 2000,
+    assert parse_caps(None, 500_000) == dict.fromkeys(head_to_head.ALGOS, 500_000)  # the env preset's budget
+    assert parse_caps("2000", 500_000) == {"ours": 2000, "sac": 2000, "tqc": 2000, "crossq": 2000, "sbx_tqc": 2000,
                                   "sbx_crossq": 2000}
-    caps = parse_caps("300000,crossq=200000")
+    caps = parse_caps("300000,crossq=200000", 500_000)
     assert caps["crossq"] == 200000 and caps["ours"] == caps["sac"] == 300000
     for bad in ("", "0", "ppo=10", "sac=x"):
         with pytest.raises(SACError):
-            parse_caps(bad)
+            parse_caps(bad, 500_000)
 
 
 TINY_SAC = {"learning_starts": 10**6, "buffer_size": 1000, "policy_kwargs": {"net_arch": [8]}}  # no update
+
+
+@pytest.fixture
+def lunar_zoo_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer trained on the one-step env reads the zoo's LunarLander entry (the zoo has none for it)."""
+    lunar = head_to_head.zoo_hyperparams
+    monkeypatch.setattr(head_to_head, "zoo_hyperparams", lambda algo, env_id=ENV_ID: lunar(algo, ENV_ID))
 
 
 class Killed(Exception):
     """A session's end, in the middle of a peer's run."""
 
 
-def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, monkeypatch):
+def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, monkeypatch, lunar_zoo_entries):
     save = head_to_head.save_resume_point
 
     def save_then_die_at_step_20(model, *args) -> None:
@@ -232,7 +240,7 @@ def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, 
     monkeypatch.setattr(head_to_head, "save_resume_point", save_then_die_at_step_20)
     with pytest.raises(Killed):  # started a minute ago: its wall time so far is over a minute
         train_peer("sac", SEED, 1, 40, tmp_path, time.time() - 60, TINY_ID, TINY_SAC, save_every_s=0)
-    monkeypatch.undo()
+    monkeypatch.setattr(head_to_head, "save_resume_point", save)
     state = json.loads((tmp_path / "resume" / "state.json").read_text())
     assert (state["steps"], state["episodes"], state["segments"]) == (20, 20, 1) and 1 < state["minutes"] < 2
     assert [e[0] for e in state["evaluations"]] == [10, 20] and not (tmp_path / "record.json").exists()
@@ -249,7 +257,7 @@ def test_an_interrupted_peer_resumes_from_its_last_resume_point(tmp_path: Path, 
 
 @pytest.mark.parametrize("algo", ["sbx_tqc", "sbx_crossq"])
 def test_an_sbx_peer_trains_under_the_check_at_its_sb3_twins_zoo_settings_on_one_xla_thread(
-        tmp_path: Path, algo: str, monkeypatch: pytest.MonkeyPatch):
+        tmp_path: Path, algo: str, monkeypatch: pytest.MonkeyPatch, lunar_zoo_entries):
     pytest.importorskip("sbx", reason="SBX, the JAX version of SB3: pip install -r requirements-sbx.txt")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the worker sets it; restored after the test
     _, kwargs, budget = head_to_head.zoo_hyperparams(algo)  # the zoo's entry of its SB3 twin, tqc or crossq
@@ -279,7 +287,7 @@ def test_our_rows_come_from_the_default_runs_confirmation(tmp_path: Path):
     assert row_cells(rows[1]) == ["ours", "1", "90,000", "89,000", "10.0", "yes", "270.0 +/- 20.0", "260.0", "5.0",
                                   "2", "0", "1"]
     args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"),
-                             "ours_from": str(results), "threads": 1})()
+                             "ours_from": str(results), "threads": 1, "env": ENV_ID, "unseen_episodes": 2})()
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("sac", 1), ("ours", 2), ("sac", 2)]
     results.write_text(json.dumps({"defaults__seed1": confirmation_record(1, target=200.0)}))
     with pytest.raises(SACError, match="target of 200"):
@@ -321,7 +329,8 @@ def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
     assert "| sac | 1 | 50,001 |" in output.read_text() and not (tmp_path / "w").exists()
     command = f"Command (the last): `python -m lab.head_to_head --algos sac --seeds 1 --output {output}"
     assert command in output.read_text()
-    args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w"), "ours_from": None})()
+    args = type("Args", (), {"output": str(output), "work_dir": str(tmp_path / "w"), "ours_from": None,
+                             "env": ENV_ID})()
     assert Study(args, "cmd").pending(["ours", "sac"], [1, 2]) == [("ours", 1), ("ours", 2), ("sac", 2)]
 
 
@@ -342,7 +351,7 @@ def test_ctrl_c_ends_the_study_with_one_line_that_says_how_to_resume(tmp_path: P
 
 def test_two_study_processes_keep_each_others_rows(tmp_path: Path):
     args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
-                             "threads": 1, "parallel": 1})()
+                             "threads": 1, "parallel": 1, "env": ENV_ID})()
     tqc_study, sac_study = Study(args, "cmd"), Study(args, "cmd")  # both started before either finished a run
     tqc_study.rows["tqc/1"] = row("tqc", 1, 5.0)
     tqc_study.save()
@@ -354,7 +363,7 @@ def test_two_study_processes_keep_each_others_rows(tmp_path: Path):
 
 def test_a_peer_runs_as_this_modules_worker_in_the_repository_root(tmp_path: Path):
     args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
-                             "threads": 1, "caps": parse_caps("2000")})()
+                             "threads": 1, "caps": parse_caps("2000", 300_000), "env": ENV_ID})()
     command = Study(args, "cmd").process_command("sac", 3)
     assert command == [sys.executable, "-m", "lab.head_to_head", "--worker", "sac", "--seeds", "3", "--threads", "1",
                        "--cap", "2000", "--work-dir", str((tmp_path / "w" / "h2h_sac__seed3").resolve())]
@@ -368,3 +377,55 @@ def test_the_old_command_says_where_the_head_to_head_went():
                            capture_output=True, text=True, timeout=60)
     assert moved.returncode == 2 and moved.stdout == ""
     assert moved.stderr == "benchmarks/time_to_solved.py moved: python -m lab.head_to_head --algos sac\n"
+
+
+def test_a_fixed_budget_env_trains_every_run_to_its_presets_budget(tmp_path: Path):
+    config = check_config(3, "Hopper-v5")
+    assert (config.total_steps, target_return(config), config.start_steps) == (300_000, None, 10_000)
+    key, kwargs, budget = zoo_hyperparams("sac", "Hopper-v5")  # the zoo knows MuJoCo at v4
+    assert (key, kwargs, budget) == ("Hopper-v4", {"policy": "MlpPolicy", "learning_starts": 10_000}, 1_000_000)
+    args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"), "ours_from": None,
+                             "threads": 1, "caps": parse_caps(None, config.total_steps), "env": "Hopper-v5",
+                             "train_args": ""})()
+    study = Study(args, "cmd")
+    ours = study.process_command("ours", 3)
+    assert ours[ours.index("--env") + 1] == "Hopper-v5" and "--total-steps" not in ours  # the preset's budget
+    peer = study.process_command("sac", 3)
+    assert peer[peer.index("--env") + 1] == "Hopper-v5" and peer[peer.index("--cap") + 1] == "300000"
+
+    record = {**row("sac", 3, 50.0, unseen=(3900.0, 1000.0, -5.0)), "crashes": None, "checks": []}
+    assert row_cells(record, "Hopper-v5")[5:] == ["no stop (budget 300,000)", "none", "1631.7", "1655.6", "1", "1",
+                                                  "-"]
+    text = page({"sac/3": record}, ["# head", ""], "Hopper-v5")
+    assert "| algorithm | seed |" in text and "| >= 3800 | < 0 | crashes |" in text
+    assert "No stop: every run trains Hopper-v5's preset budget, 300,000 env steps" in text
+    assert summary([record], "Hopper-v5")[2].endswith("| 1631.7 | 1 | 1 | - |")
+
+
+def test_our_rows_from_another_envs_confirmation_must_match_its_env_and_episodes(tmp_path: Path):
+    results = tmp_path / "hopper.json"
+    hopper = {**confirmation_record(1, target=None), "env": "Hopper-v5", "unseen": [3000.0, 2000.0, 1000.0],
+              "evaluations": [[5000, 100.0, 3.0]]}
+    hopper.pop("unseen_crashes")  # lab.confirm counts crashes on LunarLander only
+    results.write_text(json.dumps({"defaults__seed1": hopper}))
+    rows = confirmation_rows(results, "Hopper-v5")
+    assert rows[1]["command"] == "python train.py --seed 1 --threads 1 --env Hopper-v5"
+    assert rows[1]["crashes"] is None and rows[1]["evaluations"] == [[5000, 100.0, 3.0]]
+    with pytest.raises(SACError, match="trained Hopper-v5, not LunarLanderContinuous-v3"):
+        confirmation_rows(results)
+    results.write_text(json.dumps({"defaults__seed1": confirmation_record(1)}))  # written before records named it
+    with pytest.raises(SACError, match="trained LunarLanderContinuous-v3, not Hopper-v5"):
+        confirmation_rows(results, "Hopper-v5")
+    results.write_text(json.dumps({"defaults__seed1": hopper}))
+    args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"),
+                             "ours_from": str(results), "threads": 1, "env": "Hopper-v5", "unseen_episodes": 20})()
+    with pytest.raises(SACError, match="played 3 unseen episodes; give --unseen-episodes 3"):
+        Study(args, "cmd")
+
+
+def test_an_env_that_cannot_be_made_is_refused_in_one_line_before_any_run(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--env", "NoSuchEnv-v0", "--algos", "sac", "--seeds", "1", "--work-dir", str(tmp_path)])
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2 and stderr.count("\n") == 1 and "cannot create environment 'NoSuchEnv-v0'" in stderr
+    assert not any(tmp_path.iterdir())
