@@ -43,7 +43,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
 from lab import launch, outcomes
 from lab.provenance import cpu_name
@@ -161,6 +160,8 @@ def zoo_hyperparams_file(algo: str) -> Path:
 def read_zoo_entry(path: Path, env_id: str = ENV_ID) -> tuple[str, dict]:
     """The zoo's entry for `env_id` in a hyperparameter file, and the key it was found under: the id itself,
     else the same env at another version (newest first; the zoo long knew LunarLander as -v2)."""
+    import yaml  # here: the pages (lab.env_results reads them) need no zoo install
+
     entries = yaml.safe_load(path.read_text())
     if env_id in entries:
         return env_id, dict(entries[env_id])

@@ -398,6 +398,18 @@ def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: flo
     """
     figure = Figure(figsize=(8, 4.5), dpi=110)
     axes = figure.subplots()
+    draw_curves(axes, curves, threshold, confidence)
+    axes.set(title=f"deterministic evaluation return: IQM over seeds, {confidence:.0%} bootstrap CI")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def draw_curves(axes, curves: dict[str, list[Curve]], threshold: float | None = None,
+                confidence: float = 0.95) -> None:
+    """Each configuration's IQM evaluation return over seeds vs env steps, with its CI band, on `axes`."""
     for config, runs in curves.items():
         if not runs or any(run.steps.size == 0 for run in runs):
             continue
@@ -409,12 +421,7 @@ def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: flo
                           linewidth=0)
     if threshold is not None:
         axes.axhline(threshold, color="gray", linestyle="--", linewidth=0.8, label=f"{threshold:g}")
-    axes.set(xlabel="env steps", ylabel="evaluation return (IQM over seeds)",
-             title=f"deterministic evaluation return: IQM over seeds, {confidence:.0%} bootstrap CI")
+    axes.set(xlabel="env steps", ylabel="evaluation return (IQM over seeds)")
     axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="best", fontsize=8)

@@ -1,0 +1,227 @@
+"""Results across envs: our default design with each env's preset beside SB3's zoo-tuned SAC, both measured on the
+same CPU and seeds (lab.head_to_head's pages, ours taken from the env's lab.confirm study), and the field's
+published rows for the same envs.
+
+    python -m lab.env_results
+
+writes benchmarks/results/env_results.md (and .png, the learning curves) and puts its tables in README.md between
+the markers there, so that the README says what the page says.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lab.head_to_head import ENV_ID, OURS, check_config
+from lab.provenance import provenance
+from lab.tables import Curve, draw_curves
+from plumbing import REPO, OneLineErrorParser, fail
+from sac_model import SACError, target_return
+
+RESULTS = REPO / "benchmarks" / "results"
+PAGE = RESULTS / "env_results.md"
+README = REPO / "README.md"
+README_START = "<!-- env_results: `python -m lab.env_results` writes what follows, up to the end marker -->"
+README_END = "<!-- /env_results -->"
+PEER = "sac"  # the peer every env is measured against: SB3's SAC at rl-zoo3's hyperparameters for the env
+
+
+@dataclass(frozen=True)
+class EnvResults:
+    """An env of the table: lab.head_to_head's page for it, and the rows other projects published for it."""
+
+    env: str
+    study: str  # the lab.confirm study of our runs, docs/studies/<study>.json
+    page: str  # benchmarks/results/<page>.json, lab.head_to_head's sidecar for the env (ours and the peer)
+    published: dict[str, str] = field(default_factory=dict)  # column -> the value as published, with its budget
+    mrq_300k: float | None = None  # MR.Q's mean return at 300k env steps over its 10 seeds
+
+
+PUBLISHED_COLUMNS = ("rl-zoo3 SAC", "rl-zoo3 TQC", "CleanRL SAC")
+ENVS = (
+    EnvResults(ENV_ID, "default_run_50", "time_to_solved",
+               {"rl-zoo3 SAC": "260.4 +/- 65.5 @500k (v2)", "rl-zoo3 TQC": "278.0 +/- 25.5 @500k (v2)"}),
+    EnvResults("BipedalWalker-v3", "bipedal_walker", "head_to_head_BipedalWalker-v3",
+               {"rl-zoo3 SAC": "297.7 +/- 33.1 @500k", "rl-zoo3 TQC": "329.8 +/- 45.1 @500k"}),
+    EnvResults("Hopper-v5", "hopper_300k", "head_to_head_Hopper-v5",
+               {"rl-zoo3 SAC": "2326 +/- 1130 @1M", "rl-zoo3 TQC": "3754 +/- 8 @1M",
+                "CleanRL SAC": "2310 +/- 343 @1M"}, mrq_300k=2469),
+    EnvResults("HalfCheetah-v5", "halfcheetah_300k", "head_to_head_HalfCheetah-v5",
+               {"rl-zoo3 SAC": "9535 +/- 100 @1M", "rl-zoo3 TQC": "12090 +/- 127 @1M",
+                "CleanRL SAC": "9635 +/- 1424 @1M"}, mrq_300k=10835),
+    EnvResults("Walker2d-v5", "walker2d_300k", "head_to_head_Walker2d-v5",
+               {"rl-zoo3 SAC": "3863 +/- 254 @1M", "rl-zoo3 TQC": "4381 +/- 500 @1M",
+                "CleanRL SAC": "3591 +/- 911 @1M"}, mrq_300k=4509),
+    EnvResults("Ant-v5", "ant_300k", "head_to_head_Ant-v5",
+               {"rl-zoo3 SAC": "4616 +/- 1354 @1M", "rl-zoo3 TQC": "3339 +/- 1970 @1M"}, mrq_300k=4674),
+)
+PUBLISHED_SOURCES = (
+    "rl-zoo3: DLR-RM/rl-baselines3-zoo benchmark.md (rows unchanged since 2021), one trained agent each, MuJoCo at "
+    "v3, its deterministic return over about 150k evaluation steps; the std is over those episodes, not seeds.",
+    "CleanRL: vwxyzjn/cleanrl docs/benchmark/sac.md, v4, 3 seeds: each seed's last 100 training episodes (stochastic "
+    "policy), mean and population std over the seeds; 161-175 min per 1M-step run on its GPU machine.",
+    "MR.Q: facebookresearch/MRQ results/gym_results.txt, v4: the mean over its 10 seeds of each seed's 10-episode "
+    "deterministic evaluation at env step 300,000 of its 1M-step runs.",
+)
+
+
+def page_rows(env: EnvResults, results: Path = RESULTS) -> dict[str, list[dict]]:
+    """The env's finished runs on its lab.head_to_head page, by algorithm; none where it has no page yet."""
+    path = results / f"{env.page}.json"
+    rows = json.loads(path.read_text())["rows"].values() if path.is_file() else []
+    by_algo: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        by_algo.setdefault(row["algo"], []).append(row)
+    return by_algo
+
+
+def final_return(row: dict) -> float:
+    """A run's final agent: its mean return on the unseen episodes."""
+    return float(np.mean(row["unseen"]))
+
+
+def quality(rows: list[dict]) -> str:
+    """The median over seeds of the final agents' unseen return, with the lowest and highest seed."""
+    if not rows:
+        return "not run yet"
+    returns = [final_return(row) for row in rows]
+    return f"{np.median(returns):.1f} ({min(returns):.1f} to {max(returns):.1f})"
+
+
+def wall_time(rows: list[dict]) -> str:
+    return f"{np.median([row['minutes'] for row in rows]):.1f}" if rows else ""
+
+
+def wall_time_ratio(peer: list[dict], ours: list[dict]) -> str:
+    """The peer's median wall time over ours on the seeds both ran."""
+    ours_by_seed = {row["seed"]: row["minutes"] for row in ours}
+    paired = [row for row in peer if row["seed"] in ours_by_seed]
+    if not paired:
+        return ""
+    return (f"{np.median([r['minutes'] for r in paired]) / np.median([ours_by_seed[r['seed']] for r in paired]):.2f}"
+            f" ({len(paired)} seeds)")
+
+
+def budget(env_id: str) -> str:
+    """How a run of the env's preset ends: at its budget, or at its stop target (with its budget as the cap)."""
+    config = check_config(0, env_id)
+    target = target_return(config)
+    steps = f"{config.total_steps / 1000:g}k"
+    return f"{steps} env steps" if target is None else f"until {target:g} (at most {steps})"
+
+
+def seeds(rows: list[dict]) -> str:
+    return ", ".join(str(row["seed"]) for row in rows) or "-"
+
+
+def measured_table(results: Path = RESULTS) -> list[str]:
+    """Ours against SB3's zoo-tuned SAC, per env, on this CPU: final agents and wall time per run."""
+    lines = ["| env | budget | ours: seeds | ours: unseen return, median (range) | ours: min per run | "
+             "SB3 SAC (zoo): seeds | SB3 SAC: unseen return, median (range) | SB3 SAC: min per run | "
+             "SB3 SAC / ours, wall time |", "| --- " * 9 + "|"]
+    for env in ENVS:
+        rows = page_rows(env, results)
+        ours, peer = rows.get(OURS, []), rows.get(PEER, [])
+        lines.append(f"| {env.env} | {budget(env.env)} | {seeds(ours)} | {quality(ours)} | {wall_time(ours)} | "
+                     f"{seeds(peer)} | {quality(peer) if ours or peer else ''} | {wall_time(peer)} | "
+                     f"{wall_time_ratio(peer, ours)} |")
+    return lines
+
+
+def published_table(results: Path = RESULTS) -> list[str]:
+    """Ours beside the rows other projects published, and MR.Q's return at 300k env steps."""
+    lines = ["| env | ours (median of seeds) | MR.Q @300k | ours / MR.Q | " + " | ".join(PUBLISHED_COLUMNS) + " |",
+             "| --- " * (4 + len(PUBLISHED_COLUMNS)) + "|"]
+    for env in ENVS:
+        ours = page_rows(env, results).get(OURS, [])
+        median = float(np.median([final_return(row) for row in ours])) if ours else None
+        mrq = "" if env.mrq_300k is None else f"{env.mrq_300k:g}"
+        ratio = f"{median / env.mrq_300k:.2f}" if median is not None and env.mrq_300k else ""
+        ours_cell = "not run yet" if median is None else f"{median:.1f}"
+        lines.append(f"| {env.env} | {ours_cell} | {mrq} | {ratio} | "
+                     + " | ".join(env.published.get(column, "") for column in PUBLISHED_COLUMNS) + " |")
+    return lines
+
+
+def curves(rows: list[dict]) -> list[Curve]:
+    """The runs' evaluation curves ([env step, mean, std] per evaluation), where their rows kept one."""
+    return [Curve(row["seed"], np.array([e[0] for e in row["evaluations"]]), np.array([e[1] for e in row["evaluations"]]))
+            for row in rows if row.get("evaluations")]
+
+
+def plot(path: Path, results: Path = RESULTS) -> Path:
+    """One panel per env: ours and SB3's SAC, IQM over seeds of the deterministic evaluation return."""
+    figure = Figure(figsize=(12, 7), dpi=100)
+    for axes, env in zip(figure.subplots(2, 3).flat, ENVS):
+        rows = page_rows(env, results)
+        draw_curves(axes, {"ours": curves(rows.get(OURS, [])), "SB3 SAC (zoo)": curves(rows.get(PEER, []))})
+        axes.set_title(env.env, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def tables(results: Path = RESULTS) -> list[str]:
+    """What the page and the README share: both tables and the sources of the published rows."""
+    return ["Measured here (two runs at a time, one thread each; the final agent on episodes no run played, 100 on "
+            "LunarLander, 20 elsewhere):", "", *measured_table(results), "",
+            "Beside the published rows (their budgets after the @; ours at the budget in the first table):", "",
+            *published_table(results), "", *[f"- {source}" for source in PUBLISHED_SOURCES]]
+
+
+def commands(env: EnvResults) -> list[str]:
+    """How an env's rows are made: our seeds (lab.confirm), the peer's beside them (lab.head_to_head), this page."""
+    flags = "" if env.env == ENV_ID else f" --unseen-episodes 20 --train-args '--env {env.env}'"
+    peer_flags = "" if env.env == ENV_ID else f" --env {env.env} --unseen-episodes 20"
+    return [f"python -m lab.confirm --name {env.study} --seeds 0-2{flags} --commit",
+            f"python -m lab.head_to_head{peer_flags} --algos {PEER} --seeds 0 --ours-from docs/studies/{env.study}.json "
+            "--commit"]
+
+
+def write_page(page: Path = PAGE, results: Path = RESULTS) -> list[Path]:
+    figure = plot(page.with_suffix(".png"), results)
+    pages = ", ".join(f"[{env.page}.md]({env.page}.md)" for env in ENVS if (results / f"{env.page}.md").is_file())
+    lines = ["# Results per env: ours at each env's preset, SB3's zoo-tuned SAC, and the published rows", "",
+             provenance(), "", "Command: `python -m lab.env_results`", "", *tables(results), "",
+             f"Each env's runs, their commands, commits and CPU: {pages or 'no page yet'}.", "",
+             "## How the rows are made", "",
+             "Our runs are plain `python train.py --env ID --seed N --threads 1` under lab.confirm, two at a time; the "
+             "peer's are lab.head_to_head's on the same seeds, which also copies our rows onto the env's page. Each "
+             "command resumes where a session stopped and commits every finished row; then this page is rewritten:",
+             "", "```bash", *[line for env in ENVS[1:] for line in commands(env)], "python -m lab.env_results", "```",
+             "", "LunarLander's rows are the default run's confirmation ([default_run_50]"
+             "(../../docs/studies/default_run_50.md), seeds 50-59) and the head-to-head on seeds 50-52.", "",
+             f"![learning curves]({figure.name})", ""]
+    page.write_text("\n".join(lines))
+    return [page, figure]
+
+
+def update_readme(readme: Path = README, results: Path = RESULTS) -> Path:
+    """Put the tables between the README's markers."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SACError(f"{readme}: no {README_START!r} ... {README_END!r} markers to put the table between")
+    block = "\n".join([README_START, "", *tables(results), ""])
+    readme.write_text(text[:start] + block + "\n" + text[end:])
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineErrorParser(prog="python -m lab.env_results", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    try:
+        paths = [*write_page(), update_readme()]
+    except SACError as error:
+        fail(str(error))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
