@@ -446,7 +446,8 @@ def play_episode(run: Run, budget: int) -> Episode:
     episode = Episode()
     while not episode.finished and progress.global_step < budget:
         if progress.global_step < config.start_steps:
-            env_action = run.env.action_space.sample()
+            if episode.length % config.warmup_action_repeat == 0:
+                env_action = run.env.action_space.sample()
         else:
             env_action = agent.select_action(obs)
         next_obs, reward, episode.terminated, episode.truncated, _ = run.env.step(env_action)

@@ -540,6 +540,17 @@ def test_updates_per_step_multiplies_the_gradient_steps_of_every_round(tmp_path:
     assert {float(state["step"]) for state in checkpoint["agent"]["optimizers"]["critic"]["state"].values()} == {450.0}
 
 
+def test_warmup_actions_are_held_for_their_repeat_count_within_each_episode(tmp_path: Path) -> None:
+    result = run_script("train.py", tmp_path, *SMALL, "--start-steps", "400", "--total-steps", "400",
+                        "--warmup-action-repeat", "7", "--eval-every", "0", "--run-name", "held")
+    assert result.returncode == 0, result.stderr
+    buffer = read_checkpoint(tmp_path / "checkpoints" / "held" / "final.pt")["training"]["buffer"]
+    actions = buffer["actions"][:400, 0].reshape(2, 200).numpy()  # Pendulum's two 200-step episodes, in order
+    held = actions[:, (np.arange(200) // 7) * 7]  # each step's action is its block's first one
+    assert np.array_equal(actions, held)
+    assert [len(np.unique(episode)) for episode in actions] == [29, 29]  # a new draw every 7 steps, from each start
+
+
 def test_a_new_run_never_overwrites_an_earlier_run_of_the_same_name(trained_run: Path, tmp_path: Path) -> None:
     before = file_contents(trained_run / "checkpoints" / "small", trained_run / "runs" / "small")
     result = run_script("train.py", trained_run, *SMALL, "--episodes", "1", "--run-name", "small")
