@@ -4,7 +4,8 @@ The algorithm, and nothing else: a test or an experiment calls it directly. `tra
 thin scripts around it; what they share that is not the algorithm (run folders, locks, the command line) is
 in `plumbing.py`. The algorithm follows Haarnoja et al. (2018), "Soft Actor-Critic Algorithms and
 Applications": twin critics with target copies, a tanh-squashed Gaussian policy and a learned
-temperature.
+temperature; other critic kinds (TQC's quantiles, CrossQ's batch-renormalised critics without targets) plug
+into the same step.
 """
 from __future__ import annotations
 
@@ -298,7 +299,8 @@ class EnvPreset:
     stop_target: float | None = None  # what --target-return env means here; None: the registered threshold
 
 
-# train.py applies an env's preset unless --preset none (or original) says otherwise; flags given still win.
+# train.py applies an env's preset unless --preset none says otherwise (a named preset's values go over it);
+# flags given still win.
 # The defaults themselves were searched and confirmed on LunarLander; elsewhere they are a starting point.
 ENV_PRESETS: dict[str, EnvPreset] = {
     "LunarLanderContinuous-v3": EnvPreset(
@@ -322,11 +324,13 @@ def env_preset(env_id: str) -> EnvPreset | None:
 
 
 def preset_values(preset: str, env_id: str) -> dict[str, Any]:
-    """The config values a --preset sets: the env's own ('env'), none, or a named design of PRESETS."""
-    if preset == "env":
-        found = env_preset(env_id)
-        return dict(found.values) if found else {}
-    return {} if preset == "none" else dict(PRESETS[preset])
+    """The config values a --preset sets: none; the env's own ('env'); or a named design of PRESETS over the
+    env's own, so that a design tried on Hopper keeps Hopper's budget, warm-up and stop."""
+    if preset == "none":
+        return {}
+    found = env_preset(env_id)
+    env_values = dict(found.values) if found else {}
+    return env_values if preset == "env" else env_values | PRESETS[preset]
 
 
 def _is_finite_number(text: str) -> bool:
@@ -1077,7 +1081,7 @@ class Critic:
     uses_target_network = True  # targets bootstrap from a slowly moving copy of the critics (tau)
 
     def __init__(self, config: SACConfig) -> None:
-        self.num_critics = config.num_critics
+        pass
 
     @property
     def outputs(self) -> int:
@@ -1147,7 +1151,7 @@ class CrossQCritic(Critic):
     pass through the critics together, so that both are normalised by the statistics of their mixture; the
     target bootstraps from the same pass (min over critics, gradient stopped). The policy sees the critics
     with their running statistics. The paper pairs it with --policy-delay 3 and Adam's beta1 0.5
-    (lab/configs.py: crossq). The actor keeps its LayerNorm (--layer-norm); the critics have none.
+    (--preset crossq). The actor keeps its LayerNorm (--layer-norm); the critics have none.
     """
 
     uses_target_network = False
@@ -1223,8 +1227,8 @@ def adam_(params: list[torch.Tensor], grads: list[torch.Tensor], state: list[dic
 # --------------------------------------------------------------------------------------------
 
 class SACAgent:
-    """Actor, critics (of the --critic kind) with targets, learned temperature, their optimizers and LR
-    schedules."""
+    """Actor, critics (of the --critic kind, with target copies where the kind uses them), learned temperature,
+    their optimizers and LR schedules."""
 
     def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray,
                  config: SACConfig | None = None, device: str | torch.device = "cpu",
@@ -1251,7 +1255,7 @@ class SACAgent:
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.action_dim)
 
-        # One Adam over the stacked critic parameters is exactly two Adams, one per critic: Adam is elementwise.
+        # One Adam over the stacked critic parameters is exactly one Adam per critic: Adam is elementwise.
         # The optimizers hold the Adam moments and learning rates (so StepLR and checkpoints work as usual);
         # `gradient_step` applies Adam's rule itself, so that one graph holds the whole step.
         # Read by the step from here, not from the optimizers: the step would otherwise guard on their
@@ -1353,21 +1357,15 @@ class SACAgent:
 
     # ---- learning ----
 
-    def critic_targets(self, next_obs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
-                       horizons: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """y = r + gamma^m (1 - terminated) (V'(s', a') - alpha log pi(a'|s')), a' ~ pi(s'), shape (batch, targets).
+    def soft_targets(self, next_q: torch.Tensor, next_log_prob: torch.Tensor, rewards: torch.Tensor,
+                     terminated: torch.Tensor, horizons: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """y = r + gamma^m (1 - terminated) (V'(s', a') - alpha log pi(a'|s')), a' ~ pi(s'), shape (batch, targets),
+        from the critics' values of (s', a') and log pi(a'|s').
 
         V' is what the critic kind bootstraps from (the twin's min_j Q'_j, TQC's kept quantiles). m is the
         transition's horizon: 1 for one-step SAC; for n-step returns r is the discounted sum of the m rewards
         between s and s'.
         """
-        next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise)
-        return self.soft_targets(self.critic_target(next_obs, next_action), next_log_prob, rewards, terminated,
-                                 horizons, alpha)
-
-    def soft_targets(self, next_q: torch.Tensor, next_log_prob: torch.Tensor, rewards: torch.Tensor,
-                     terminated: torch.Tensor, horizons: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """The targets y of `critic_targets`, from the critics' values of (s', a') and log pi(a'|s')."""
         next_values = self.critic_kind.bootstrap_values(next_q)
         discount = torch.pow(self.config.gamma, horizons)
         soft_values = next_values - (alpha * next_log_prob)[:, None]
@@ -1452,7 +1450,7 @@ class SACAgent:
                       weights: torch.Tensor, noise: torch.Tensor, learning_rates: torch.Tensor,
                       update_policy: bool = True) -> dict[str, torch.Tensor]:
         """Critics, then (with `update_policy`) actor and temperature, each a clipped Adam step; then the soft
-        target update.
+        target update, for a kind with target copies.
 
         A pure function of tensors with no host sync and no graph break, so torch.compile makes one
         graph of it (one per value of `update_policy`). `noise` holds the standard-normal draws for

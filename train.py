@@ -188,10 +188,12 @@ def build_parser(defaults: SACConfig | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=PRESET_CHOICES, default="env",
                         help="the set of defaults a new run starts from; flags given still win. 'env' (the "
                              "default): the env's own preset where ENV_PRESETS has one (its budget, stop target "
-                             "and values, said in the run's first lines); 'none': SACConfig's defaults alone; "
-                             "'original': the configuration the repository started from (docs/defaults.md), which "
-                             "trains its whole budget instead of stopping when solved; 'crossq': CrossQ's critics "
-                             "with its paper's settings (docs/critics.md)")
+                             "and values, said in the run's first lines); 'none': SACConfig's defaults without the "
+                             "env's values (a run still stops at the env's stop target unless --target-return "
+                             "says otherwise); 'original': the configuration the repository started from "
+                             "(docs/defaults.md), which trains its whole budget instead of stopping when solved; "
+                             "'crossq': CrossQ's critics with its paper's settings (docs/critics.md). A named "
+                             "preset's values go over the env's own")
     add_config_flags(parser, defaults)
     parser.add_argument("--resume", metavar="PATH", default=None,
                         help="continue a run: a checkpoint file, a checkpoint folder or a run name (newest checkpoint)")
@@ -202,12 +204,13 @@ def build_parser(defaults: SACConfig | None = None) -> argparse.ArgumentParser:
 
 
 def flags_given(argv: list[str]) -> set[str]:
-    """Names of the config fields set explicitly on the command line."""
+    """Names of the config fields set explicitly on the command line, and "preset" if --preset was (its default,
+    'env', applies to every new run)."""
     unset = object()
     probe = build_parser()
-    probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)})
+    probe.set_defaults(**{f.name: unset for f in dataclasses.fields(SACConfig)}, preset=unset)
     given = {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
-    return given - {"resume", "overwrite", "preset"}
+    return given - {"resume", "overwrite"}
 
 
 def changed_flags(config: SACConfig, args: argparse.Namespace, given: set[str]) -> set[str]:
@@ -227,13 +230,6 @@ def preset_defaults(preset: str, env: str) -> SACConfig:
     return SACConfig(**({"env": env} | preset_values(preset, env)))
 
 
-def preset_given(argv: list[str]) -> bool:
-    """Whether --preset was given on the command line (its default, 'env', applies to every new run)."""
-    probe = build_parser()
-    probe.set_defaults(preset=None)
-    return probe.parse_known_args(argv)[0].preset is not None
-
-
 def preset_line(args: argparse.Namespace, given: set[str]) -> str:
     """What the run's preset set, and where its values come from; flags given override a preset's value."""
     preset = env_preset(args.env) if args.preset == "env" else None
@@ -241,7 +237,9 @@ def preset_line(args: argparse.Namespace, given: set[str]) -> str:
         why = "" if args.preset == "none" else f": ENV_PRESETS has none for {args.env}"
         return f"preset: none, SACConfig's defaults (searched on LunarLander){why}"
     if args.preset != "env":
-        return f"preset: {args.preset}, the values of PRESETS[{args.preset!r}] in sac_model.py"
+        found = env_preset(args.env)
+        under = f", over {args.env}'s preset" if found and found.values else ""
+        return f"preset: {args.preset}, the values of PRESETS[{args.preset!r}] in sac_model.py{under}"
     kept = {name: value for name, value in preset.values.items() if name not in given}
     values = ", ".join(f"{flag(name)} {value:,}" if isinstance(value, int) else f"{flag(name)} {value}"
                        for name, value in kept.items())
@@ -268,7 +266,7 @@ def resumed_config(checkpoint: dict, args: argparse.Namespace, given: set[str]) 
 def run_config(args: argparse.Namespace, given: set[str]) -> tuple[SACConfig, dict | None, Path | None]:
     """The validated config of a new run, or of the resumed one with its checkpoint."""
     checkpoint, checkpoint_path = None, None
-    if args.resume and args.preset_given:
+    if args.resume and "preset" in given:
         raise SACError("--preset cannot be combined with --resume: a resumed run keeps its checkpoint's config")
     if args.resume:
         checkpoint_path = find_checkpoint(args.resume)
@@ -352,14 +350,14 @@ def stop_rule(config: SACConfig, budget: int) -> str:
             f"({margin} >= {target:g}); {cap}")
 
 
-def announce(config: SACConfig, agent: SACAgent, budget: int, preset: str | None) -> None:
+def announce(config: SACConfig, agent: SACAgent, budget: int, resumed: bool, preset: str) -> None:
     """The run's first lines: what it is called, where it writes, what it runs on, which preset a new run took
-    (`preset`, None for a resumed run) and when it stops."""
+    (`preset`: its line; empty for a resumed run, which keeps its checkpoint's config) and when it stops."""
     threads = config.threads or torch.get_num_threads()
     chosen = (" (1 while another process takes a core: --threads N fixes the count)" if chooses_threads(config, agent)
               else "")
     preset_text = f"{preset}\n" if preset else ""
-    print(f"run: {config.run_name} ({'new' if preset else 'resumed'})\n"
+    print(f"run: {config.run_name} ({'resumed' if resumed else 'new'})\n"
           f"logs: {RUNS_DIR / config.run_name}/ (watch them with: tensorboard --logdir {RUNS_DIR})\n"
           f"checkpoints: {CHECKPOINTS_DIR / config.run_name}/ (every {config.checkpoint_every} episodes and the "
           f"final agent)\n"
@@ -395,7 +393,8 @@ def start_run(args: argparse.Namespace, given: set[str], stack: contextlib.ExitS
     buffer = make_buffer(config, obs_dim, action_dim, device)
     if config.compile:
         agent.compile_update()
-    announce(config, agent, step_budget(config), None if checkpoint else preset_line(args, given))
+    announce(config, agent, step_budget(config), resumed=checkpoint is not None,
+             preset="" if checkpoint else preset_line(args, given))
     env.action_space.seed(config.seed)
     progress, first_reset_seed = TrainingState(run_name=config.run_name), config.seed
     if checkpoint is not None:
@@ -702,7 +701,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory_mapped()
     args = parse_args(argv)
-    args.preset_given = preset_given(argv)
     if args.overwrite and args.resume:
         build_parser().error("--overwrite starts a run over; it cannot be combined with --resume")
     quiet_event_writer_thread()

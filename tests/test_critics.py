@@ -16,7 +16,7 @@ import sac_model
 from sac_model import (
     CRITICS, ConfigError, SACAgent, SACConfig, Tag, TruncatedQuantileCritic, evaluate_policy, make_env,
 )
-from tests.test_sac_model import pendulum_agent, random_batch, small_config
+from tests.test_sac_model import critic_targets, pendulum_agent, random_batch, small_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -61,8 +61,7 @@ def test_tqc_targets_and_loss_agree_with_sb3_contrib_on_the_same_weights_and_bat
     batch.horizons = torch.ones(16)
     noise = torch.randn(16, 1)
     with torch.no_grad():
-        ours = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons, noise,
-                                    agent.alpha)
+        ours = critic_targets(agent, batch, noise)
         # sb3-contrib TQC.train: (batch, critics, quantiles), sorted, the first quantiles_total - drop * critics kept.
         next_action, next_log_prob = sac_model.squashed_gaussian(*agent.actor(batch.next_obs), noise)
         next_quantiles = agent.critic_target(batch.next_obs, next_action).permute(1, 0, 2)

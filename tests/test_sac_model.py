@@ -79,6 +79,13 @@ def pendulum_agent(**overrides) -> SACAgent:
                     small_config(**overrides), env_id="Pendulum-v1")
 
 
+def critic_targets(agent: SACAgent, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
+    """The gradient step's critic targets for this batch: a' ~ pi(s') by `noise`, valued by the target critics."""
+    next_action, next_log_prob = sac_model.squashed_gaussian(*agent.actor(batch.next_obs), noise)
+    return agent.soft_targets(agent.critic_target(batch.next_obs, next_action), next_log_prob, batch.rewards,
+                              batch.terminated, batch.horizons, agent.alpha)
+
+
 def random_batch(obs_dim: int, action_dim: int, size: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return Batch(obs=torch.randn(size, obs_dim, generator=g),
@@ -709,8 +716,7 @@ def test_update_priorities_are_mean_abs_td_error_plus_eps():
         q_before = agent.critic(batch.obs, batch.actions)
     torch.manual_seed(7)
     with torch.no_grad():
-        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons,
-                                       torch.randn(2, 32, 1)[0], agent.alpha)
+        targets = critic_targets(agent, batch, torch.randn(2, 32, 1)[0])
     torch.manual_seed(7)  # the update draws the same noise, the next actions' first
     metrics = agent.update(batch)
     expected = (q_before - targets).abs().mean(0).squeeze(-1) + sac_model.PRIORITY_EPS
@@ -726,8 +732,7 @@ def test_critic_targets_bootstrap_only_when_not_terminated_discounted_by_gamma_t
     batch.horizons = torch.tensor([1.0, 1.0, 3.0, 3.0] * 4)
     torch.manual_seed(1)
     with torch.no_grad():
-        targets = agent.critic_targets(batch.next_obs, batch.rewards, batch.terminated, batch.horizons,
-                                       torch.randn(16, 1), agent.alpha).squeeze(-1)
+        targets = critic_targets(agent, batch, torch.randn(16, 1)).squeeze(-1)
     torch.manual_seed(1)
     with torch.no_grad():
         next_action, next_log_prob = agent.actor.sample(batch.next_obs)

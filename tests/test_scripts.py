@@ -718,6 +718,11 @@ def test_an_envs_preset_sets_its_budget_says_so_and_flags_given_or_preset_none_w
     assert line("--preset", "crossq") == "preset: crossq, the values of PRESETS['crossq'] in sac_model.py"
     crossq = config("--preset", "crossq")
     assert (crossq.critic, crossq.policy_delay, crossq.lr_critic, crossq.tau) == ("crossq", 3, 1e-3, SACConfig().tau)
+    # A named design goes over the env's preset: on Hopper it keeps Hopper's budget, warm-up and no stop.
+    hopper_crossq = config("--preset", "crossq", "--env", "Hopper-v5")
+    assert (hopper_crossq.critic, hopper_crossq.total_steps, hopper_crossq.start_steps,
+            hopper_crossq.target_return) == ("crossq", 300_000, 10_000, "none")
+    assert line("--preset", "crossq", "--env", "Hopper-v5").endswith("in sac_model.py, over Hopper-v5's preset")
 
 
 def test_every_env_preset_is_a_valid_config_with_its_source_and_the_docs_table_names_it() -> None:
