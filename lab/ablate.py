@@ -214,9 +214,9 @@ def write_results(args: argparse.Namespace, settings: dict, study_dir: Path) -> 
 
 def study_env(settings: dict) -> str:
     """The env the study's trials train: --env in its --train-args, else the default env."""
-    env = argparse.ArgumentParser(add_help=False)
-    env.add_argument("--env", default=SACConfig().env)
-    return env.parse_known_args(settings["train_args"])[0].env
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--env", default=SACConfig().env)
+    return parser.parse_known_args(settings["train_args"])[0].env
 
 
 def study_threshold(args: argparse.Namespace, settings: dict) -> float:
@@ -224,10 +224,11 @@ def study_threshold(args: argparse.Namespace, settings: dict) -> float:
     threshold. Raises SACError for an env that registers none, before any trial runs."""
     if args.threshold is not None:
         return args.threshold
-    threshold = env_threshold(study_env(settings))
+    env = study_env(settings)
+    threshold = env_threshold(env)
     if threshold is None:
-        raise SACError(f"{study_env(settings)} registers no solved threshold: give --threshold R, the return whose "
-                       "first reaching the tables time")
+        raise SACError(f"{env} registers no solved threshold: give --threshold R, the return whose first reaching "
+                       "the tables time")
     return threshold
 
 

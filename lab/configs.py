@@ -2,11 +2,10 @@
 from sac_model import PRESETS, flag
 
 
-def preset_flags(name: str, **changes: object) -> list[str]:
-    """A PRESETS entry, with `changes` over it, as train.py flags (a study resumes its runs with their flags, and
-    --resume takes no --preset)."""
-    values = PRESETS[name] | changes
-    return [part for field, value in values.items() for part in (flag(field), str(value))]
+def preset_flags(name: str) -> list[str]:
+    """A PRESETS entry as train.py flags (a study resumes its runs with their flags, and --resume takes no
+    --preset)."""
+    return [part for field, value in PRESETS[name].items() for part in (flag(field), str(value))]
 
 
 # Each component switched the other way on its own; "full" is the method as the repository ships it (with

@@ -25,7 +25,7 @@ import numpy as np
 from lab import launch, outcomes
 from lab.configs import CONFIGS, VARIANTS
 from lab.provenance import provenance
-from lab.records import commit, parse_seeds, solved_at, wall_minutes
+from lab.records import commit, parse_seeds, record_threshold, solved_at, threshold_label, wall_minutes
 from lab.tables import load_study, plot_curves, run_name
 from plumbing import (
     CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, checkpoint_files, fail, final_checkpoint,
@@ -95,13 +95,16 @@ class Study:
     def complete_records(self) -> None:
         """Give finished records written before lab.confirm kept a run's env and evaluation curve both, read from
         their final checkpoints where these are still here (the pages and tables that compare envs need them)."""
+        completed = False
         for run, record in self.results.items():
             final = final_checkpoint(self.checkpoints(run))
             if "unseen" in record and not {"env", "evaluations"} <= record.keys() and final.is_file():
                 checkpoint = read_checkpoint(final)
                 record.update(env=checkpoint_config(checkpoint).env,
                               evaluations=TrainingState.of(checkpoint, final).eval_history)
-                self.save()
+                completed = True
+        if completed:
+            self.save()
 
     def record(self, seed: int) -> dict:
         return self.results[self.run_name(seed)]
@@ -156,12 +159,6 @@ class Study:
         print(f"{time.strftime('%H:%M:%S')} done {run}: {' | '.join(row_cells(record))}", flush=True)
 
 
-def threshold_label(records: list[dict]) -> str:
-    """The registered threshold the study's unseen episodes are counted against, for the column's header."""
-    thresholds = {record.get("threshold", 200.0) for record in records} or {200.0}
-    return "threshold" if len(thresholds) > 1 or None in thresholds else f"{thresholds.pop():g}"
-
-
 def baseline_records(docs_dir: Path, name: str) -> dict[int, dict]:
     """The finished records of study `name`, by seed."""
     path = docs_dir / f"{name}.json"
@@ -184,21 +181,22 @@ def lost(record: dict, baseline: dict[int, dict]) -> bool:
     return other is not None and steps_to_solved(record) > steps_to_solved(other)
 
 
-def baseline_lines(study: "Study", records: list[dict]) -> list[str]:
+def baseline_lines(study: Study, records: list[dict]) -> list[str]:
     """The table of each finished seed against the baseline's row, and the count of losses."""
     compared = [r for r in records if r["seed"] in study.baseline]
     if not compared:
         return []
     lines = ["", f"Against `{study.args.baseline}` on the same seeds (env steps to the passing check):", "",
              "| seed | this study | baseline | ratio | lost |", "| --- | --- | --- | --- | --- |"]
+    losses = 0
     for record in compared:
         ours, theirs = steps_to_solved(record), steps_to_solved(study.baseline[record["seed"]])
         ratio = ours / theirs if np.isfinite(ours) and np.isfinite(theirs) else float("nan")
         cells = [f"{x:,.0f}" if np.isfinite(x) else "not solved" for x in (ours, theirs)]
         shown_ratio = "-" if np.isnan(ratio) else f"{ratio:.2f}"
-        lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | {shown_ratio} | "
-                     f"{'yes' if lost(record, study.baseline) else 'no'} |")
-    losses = sum(lost(r, study.baseline) for r in compared)
+        lost_here = lost(record, study.baseline)
+        losses += lost_here
+        lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | {shown_ratio} | {'yes' if lost_here else 'no'} |")
     lines += ["", f"Lost on {losses} of {len(compared)} seeds."]
     return lines
 
@@ -214,9 +212,8 @@ def row_cells(record: dict) -> list[str]:
 
 
 def solved_episodes(record: dict) -> str:
-    """How many unseen episodes reached the env's registered threshold ('-' for an env without one). Records
-    from before the threshold was kept are LunarLander's: 200."""
-    threshold = record.get("threshold", 200.0)
+    """How many unseen episodes reached the env's registered threshold ('-' for an env without one)."""
+    threshold = record_threshold(record)
     return "-" if threshold is None else str(int((np.asarray(record["unseen"]) >= threshold).sum()))
 
 
@@ -237,7 +234,7 @@ def page(study: Study, seeds: list[int]) -> str:
              f"({len(records)} of {len(seeds)} seeds finished).", "",
              f"| seed | solved at env step | gradient steps | wall time (min) | last 100-episode check | checks | "
              f"unseen episodes {args.unseen_seed}-{args.unseen_seed + args.unseen_episodes - 1}: mean | std | "
-             f">= {threshold_label(records)} "
+             f">= {threshold_label(record_threshold(r) for r in records)} "
              "| < 0 | crashes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row_cells(record)) + " |" for record in records]

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lab.head_to_head import ENV_ID, OURS, check_config
+from lab.head_to_head import ENV_ID, OURS, check_config, page_name, preset_target
 from lab.provenance import provenance
 from lab.tables import Curve, draw_curves
 from plumbing import REPO, OneLineErrorParser, fail
-from sac_model import SACError, target_return
+from sac_model import SACError
 
 RESULTS = REPO / "benchmarks" / "results"
 PAGE = RESULTS / "env_results.md"
@@ -29,35 +29,37 @@ README = REPO / "README.md"
 README_START = "<!-- env_results: `python -m lab.env_results` writes what follows, up to the end marker -->"
 README_END = "<!-- /env_results -->"
 PEER = "sac"  # the peer every env is measured against: SB3's SAC at rl-zoo3's hyperparameters for the env
+UNSEEN_EPISODES = 20  # episodes each final agent plays outside LunarLander (100 there, as its studies always did)
 
 
 @dataclass(frozen=True)
 class EnvResults:
-    """An env of the table: lab.head_to_head's page for it, and the rows other projects published for it."""
+    """An env of the table: the study of our runs, and the rows other projects published for it. Its rows are on
+    lab.head_to_head's page for the env (benchmarks/results/<page_name>.json: ours, copied from the study, and the
+    peer's)."""
 
     env: str
     study: str  # the lab.confirm study of our runs, docs/studies/<study>.json
-    page: str  # benchmarks/results/<page>.json, lab.head_to_head's sidecar for the env (ours and the peer)
     published: dict[str, str] = field(default_factory=dict)  # column -> the value as published, with its budget
     mrq_300k: float | None = None  # MR.Q's mean return at 300k env steps over its 10 seeds
 
 
 PUBLISHED_COLUMNS = ("rl-zoo3 SAC", "rl-zoo3 TQC", "CleanRL SAC")
 ENVS = (
-    EnvResults(ENV_ID, "default_run_50", "time_to_solved",
+    EnvResults(ENV_ID, "default_run_50",
                {"rl-zoo3 SAC": "260.4 +/- 65.5 @500k (v2)", "rl-zoo3 TQC": "278.0 +/- 25.5 @500k (v2)"}),
-    EnvResults("BipedalWalker-v3", "bipedal_walker", "head_to_head_BipedalWalker-v3",
+    EnvResults("BipedalWalker-v3", "bipedal_walker",
                {"rl-zoo3 SAC": "297.7 +/- 33.1 @500k", "rl-zoo3 TQC": "329.8 +/- 45.1 @500k"}),
-    EnvResults("Hopper-v5", "hopper_300k", "head_to_head_Hopper-v5",
+    EnvResults("Hopper-v5", "hopper_300k",
                {"rl-zoo3 SAC": "2326 +/- 1130 @1M", "rl-zoo3 TQC": "3754 +/- 8 @1M",
                 "CleanRL SAC": "2310 +/- 343 @1M"}, mrq_300k=2469),
-    EnvResults("HalfCheetah-v5", "halfcheetah_300k", "head_to_head_HalfCheetah-v5",
+    EnvResults("HalfCheetah-v5", "halfcheetah_300k",
                {"rl-zoo3 SAC": "9535 +/- 100 @1M", "rl-zoo3 TQC": "12090 +/- 127 @1M",
                 "CleanRL SAC": "9635 +/- 1424 @1M"}, mrq_300k=10835),
-    EnvResults("Walker2d-v5", "walker2d_300k", "head_to_head_Walker2d-v5",
+    EnvResults("Walker2d-v5", "walker2d_300k",
                {"rl-zoo3 SAC": "3863 +/- 254 @1M", "rl-zoo3 TQC": "4381 +/- 500 @1M",
                 "CleanRL SAC": "3591 +/- 911 @1M"}, mrq_300k=4509),
-    EnvResults("Ant-v5", "ant_300k", "head_to_head_Ant-v5",
+    EnvResults("Ant-v5", "ant_300k",
                {"rl-zoo3 SAC": "4616 +/- 1354 @1M", "rl-zoo3 TQC": "3339 +/- 1970 @1M"}, mrq_300k=4674),
 )
 PUBLISHED_SOURCES = (
@@ -72,7 +74,7 @@ PUBLISHED_SOURCES = (
 
 def page_rows(env: EnvResults, results: Path = RESULTS) -> dict[str, list[dict]]:
     """The env's finished runs on its lab.head_to_head page, by algorithm; none where it has no page yet."""
-    path = results / f"{env.page}.json"
+    path = results / f"{page_name(env.env)}.json"
     rows = json.loads(path.read_text())["rows"].values() if path.is_file() else []
     by_algo: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda r: r["seed"]):
@@ -109,9 +111,8 @@ def wall_time_ratio(peer: list[dict], ours: list[dict]) -> str:
 
 def budget(env_id: str) -> str:
     """How a run of the env's preset ends: at its budget, or at its stop target (with its budget as the cap)."""
-    config = check_config(0, env_id)
-    target = target_return(config)
-    steps = f"{config.total_steps / 1000:g}k"
+    target = preset_target(env_id)
+    steps = f"{check_config(0, env_id).total_steps / 1000:g}k"
     return f"{steps} env steps" if target is None else f"until {target:g} (at most {steps})"
 
 
@@ -150,14 +151,15 @@ def published_table(results: Path = RESULTS) -> list[str]:
 
 def curves(rows: list[dict]) -> list[Curve]:
     """The runs' evaluation curves ([env step, mean, std] per evaluation), where their rows kept one."""
-    return [Curve(row["seed"], np.array([e[0] for e in row["evaluations"]]), np.array([e[1] for e in row["evaluations"]]))
+    return [Curve(row["seed"], *np.array(row["evaluations"])[:, :2].T)
             for row in rows if row.get("evaluations")]
 
 
 def plot(path: Path, results: Path = RESULTS) -> Path:
     """One panel per env: ours and SB3's SAC, IQM over seeds of the deterministic evaluation return."""
-    figure = Figure(figsize=(12, 7), dpi=100)
-    for axes, env in zip(figure.subplots(2, 3).flat, ENVS):
+    rows = -(-len(ENVS) // 3)
+    figure = Figure(figsize=(12, 3.5 * rows), dpi=100)
+    for axes, env in zip(figure.subplots(rows, 3, squeeze=False).flat, ENVS):
         rows = page_rows(env, results)
         draw_curves(axes, {"ours": curves(rows.get(OURS, [])), "SB3 SAC (zoo)": curves(rows.get(PEER, []))})
         axes.set_title(env.env, fontsize=10)
@@ -169,23 +171,24 @@ def plot(path: Path, results: Path = RESULTS) -> Path:
 def tables(results: Path = RESULTS) -> list[str]:
     """What the page and the README share: both tables and the sources of the published rows."""
     return ["Measured here (two runs at a time, one thread each; the final agent on episodes no run played, 100 on "
-            "LunarLander, 20 elsewhere):", "", *measured_table(results), "",
+            f"LunarLander, {UNSEEN_EPISODES} elsewhere):", "", *measured_table(results), "",
             "Beside the published rows (their budgets after the @; ours at the budget in the first table):", "",
             *published_table(results), "", *[f"- {source}" for source in PUBLISHED_SOURCES]]
 
 
 def commands(env: EnvResults) -> list[str]:
     """How an env's rows are made: our seeds (lab.confirm), the peer's beside them (lab.head_to_head), this page."""
-    flags = "" if env.env == ENV_ID else f" --unseen-episodes 20 --train-args '--env {env.env}'"
-    peer_flags = "" if env.env == ENV_ID else f" --env {env.env} --unseen-episodes 20"
+    flags = "" if env.env == ENV_ID else f" --unseen-episodes {UNSEEN_EPISODES} --train-args '--env {env.env}'"
+    peer_flags = "" if env.env == ENV_ID else f" --env {env.env} --unseen-episodes {UNSEEN_EPISODES}"
     return [f"python -m lab.confirm --name {env.study} --seeds 0-2{flags} --commit",
-            f"python -m lab.head_to_head{peer_flags} --algos {PEER} --seeds 0 --ours-from docs/studies/{env.study}.json "
-            "--commit"]
+            f"python -m lab.head_to_head{peer_flags} --algos {PEER} --seeds 0 "
+            f"--ours-from docs/studies/{env.study}.json --commit"]
 
 
 def write_page(page: Path = PAGE, results: Path = RESULTS) -> list[Path]:
     figure = plot(page.with_suffix(".png"), results)
-    pages = ", ".join(f"[{env.page}.md]({env.page}.md)" for env in ENVS if (results / f"{env.page}.md").is_file())
+    pages = ", ".join(f"[{name}.md]({name}.md)" for name in map(page_name, (env.env for env in ENVS))
+                      if (results / f"{name}.md").is_file())
     lines = ["# Results per env: ours at each env's preset, SB3's zoo-tuned SAC, and the published rows", "",
              provenance(), "", "Command: `python -m lab.env_results`", "", *tables(results), "",
              f"Each env's runs, their commands, commits and CPU: {pages or 'no page yet'}.", "",
@@ -194,8 +197,8 @@ def write_page(page: Path = PAGE, results: Path = RESULTS) -> list[Path]:
              "peer's are lab.head_to_head's on the same seeds, which also copies our rows onto the env's page. Each "
              "command resumes where a session stopped and commits every finished row; then this page is rewritten:",
              "", "```bash", *[line for env in ENVS[1:] for line in commands(env)], "python -m lab.env_results", "```",
-             "", "LunarLander's rows are the default run's confirmation ([default_run_50]"
-             "(../../docs/studies/default_run_50.md), seeds 50-59) and the head-to-head on seeds 50-52.", "",
+             "", f"LunarLander's rows are the default run's confirmation ([{ENVS[0].study}](../../docs/studies/"
+             f"{ENVS[0].study}.md), seeds 50-59) and the head-to-head on seeds 50-52.", "",
              f"![learning curves]({figure.name})", ""]
     page.write_text("\n".join(lines))
     return [page, figure]

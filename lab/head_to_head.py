@@ -46,7 +46,7 @@ import torch
 
 from lab import launch, outcomes
 from lab.provenance import cpu_name
-from lab.records import commit, parse_seeds, solved_at, wall_minutes
+from lab.records import commit, parse_seeds, solved_at, threshold_label, wall_minutes
 from plumbing import CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, code_version, fail, final_checkpoint
 from sac_model import (
     SACConfig, SACError, check_lower_bound, check_seed, checkpoint_config, env_threshold, evaluate_policy,
@@ -222,6 +222,16 @@ def check_config(seed: int, env_id: str = ENV_ID) -> SACConfig:
     return SACConfig(env=env_id, seed=seed, **preset_values("env", env_id))
 
 
+def preset_target(env_id: str) -> float | None:
+    """The return a default run on the env stops at; None where its preset trains the whole budget."""
+    return target_return(check_config(0, env_id))
+
+
+def page_name(env_id: str) -> str:
+    """The env's page in benchmarks/results and its runs' folder in studies/."""
+    return "time_to_solved" if env_id == ENV_ID else f"head_to_head_{env_id}"
+
+
 def make_check_callback(eval_env, config: SACConfig, cap: int, save: Callable[[], None] | None = None,
                         save_every_s: float = SAVE_EVERY_S):
     """The SB3 callback that runs train.py's check on the model it trains, and stops `learn` when solved or at
@@ -343,8 +353,8 @@ def train_peer(algo: str, seed: int, threads: int, cap: int, out_dir: Path, star
     if (out_dir / "record.json").is_file():  # finished before its row was written: nothing to train
         return json.loads((out_dir / "record.json").read_text())
     torch.set_num_threads(threads)
-    if PEERS[algo][0] == "sbx":  # XLA's CPU threads, read when jax is first imported (by peer_class, below)
-        os.environ["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+    if PEERS[algo][0] == "sbx":  # one XLA CPU thread (the study refuses others), read when jax is first imported
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     key, kwargs, budget = zoo_hyperparams(algo, env_id)
     kwargs.update(overrides or {})
     # The zoo's n_timesteps is the clock of its schedules (lin_ falls to 0 there); the cap stops the run earlier.
@@ -524,7 +534,7 @@ def confirmation_rows(path: Path, env_id: str = ENV_ID) -> dict[int, dict]:
     is not our side."""
     if not path.is_file():
         raise SACError(f"--ours-from: {path} does not exist (a lab.confirm results file, docs/studies/<name>.json)")
-    rows, target = {}, target_return(check_config(0, env_id))
+    rows, target = {}, preset_target(env_id)
     for record in json.loads(path.read_text()).values():
         if "unseen" not in record:
             continue  # not finished
@@ -585,13 +595,7 @@ def run(study: Study, pairs: list[tuple[str, int]]) -> None:
 def columns(env_id: str) -> list[str]:
     return ["algorithm", "seed", "env steps", "gradient steps", "wall time (min)", "solved",
             "last 100-episode check", f"unseen from seed {UNSEEN_SEED}: mean", "std",
-            f">= {threshold_label(env_id)}", "< 0", "crashes"]
-
-
-def threshold_label(env_id: str) -> str:
-    """The env's registered solved threshold, as the unseen episodes are counted against it."""
-    threshold = env_threshold(env_id)
-    return "threshold (none)" if threshold is None else f"{threshold:g}"
+            f">= {threshold_label([env_threshold(env_id)])}", "< 0", "crashes"]
 
 
 def count_at_threshold(unseen: np.ndarray, env_id: str) -> float | None:
@@ -606,7 +610,7 @@ def shown_count(value: float | None) -> str:
 def row_cells(record: dict, env_id: str = ENV_ID) -> list[str]:
     unseen = np.asarray(record["unseen"])
     check = record["checks"][-1] if record["checks"] else None
-    if target_return(check_config(record["seed"], env_id)) is None:
+    if preset_target(env_id) is None:
         solved = f"no stop (budget {record['cap']:,})"
     else:
         solved = "yes" if record["solved"] else f"no (cap {record['cap']:,})"
@@ -633,7 +637,8 @@ def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
     ours = {r["seed"]: r["minutes"] for r in by_algo.get(OURS, [])}
     lines = ["| algorithm | seeds | solved | median wall time (min) | ours on these seeds (min) | x ours | "
-             f"median env steps | unseen mean: median | unseen >= {threshold_label(env_id)}: median | "
+             f"median env steps | unseen mean: median | unseen >= {threshold_label([env_threshold(env_id)])}: "
+             "median | "
              "unseen < 0: median | crashes: median |", "| --- " * 11 + "|"]
     for algo, group in by_algo.items():
         minutes = float(np.median([r["minutes"] for r in group]))
@@ -689,14 +694,13 @@ def header(args: argparse.Namespace, command: str) -> list[str]:
 
 def stop_terms(env_id: str) -> str:
     """How this page's runs end, in words: at train.py's check, or at the preset's fixed budget."""
-    config = check_config(0, env_id)
-    target = target_return(config)
+    target = preset_target(env_id)
     if target is None:
-        return (f"No stop: every run trains {env_id}'s preset budget, {config.total_steps:,} env steps, as benchmark "
-                "tables train (the 'solved' column says so); a 10-episode deterministic evaluation every 10 episodes "
-                "gives the curves. ")
-    return (f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation every 10 "
-            f"episodes; when it reaches {target:g}, 100 fresh deterministic episodes, passed at mean - 2 standard "
+        return (f"No stop: every run trains {env_id}'s preset budget, {check_config(0, env_id).total_steps:,} env "
+                "steps, as benchmark tables train (the 'solved' column says so); a 10-episode deterministic "
+                "evaluation every 10 episodes gives the curves. ")
+    return (f"Solved: train.py's check at its default target, unchanged (a 10-episode deterministic evaluation "
+            f"every 10 episodes; when it reaches {target:g}, 100 fresh deterministic episodes, passed at mean - 2 standard "
             f"errors >= {target:g}). ")
 
 
@@ -777,7 +781,10 @@ def time_to_solved(args: argparse.Namespace, argv: list[str]) -> None:
     args.caps = parse_caps(args.cap, check_config(seeds[0], args.env).total_steps)
     if args.threads <= 0 or args.parallel <= 0 or args.unseen_episodes <= 0:
         raise SACError("--threads, --parallel and --unseen-episodes must be positive")
-    name = "time_to_solved" if args.env == ENV_ID else f"head_to_head_{args.env}"
+    if args.threads != 1 and any(PEERS.get(algo, ("",))[0] == "sbx" for algo in algos + [args.worker]):
+        raise SACError("--threads: the sbx_ peers run on one XLA thread (XLA_FLAGS has no count for its CPU "
+                       "threads), so the study runs every algorithm on one: use --threads 1")
+    name = page_name(args.env)
     args.output = args.output or str(REPO / "benchmarks" / "results" / f"{name}.md")
     args.work_dir = args.work_dir or str(REPO / "studies" / name)
     if args.worker:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from plumbing import REPO
@@ -33,6 +34,19 @@ def solved_at(record: dict) -> int | None:
     checks = record["checks"]
     solved = is_solved(checks, record["target"], record["target_episodes"], record["std_errors"])
     return checks[-1][0] if solved else None
+
+
+def record_threshold(record: dict) -> float | None:
+    """The registered solved threshold the record's env has (None: none). Records from before lab.confirm kept it
+    are LunarLander's: 200."""
+    return record.get("threshold", 200.0)
+
+
+def threshold_label(thresholds: Iterable[float | None]) -> str:
+    """The header of a column that counts unseen episodes at the env's registered solved threshold: the threshold
+    ('200'), or 'threshold' where there are none, several, or an env without one."""
+    found = set(thresholds)
+    return f"{found.pop():g}" if len(found) == 1 and None not in found else "threshold"
 
 
 def wall_minutes(record: dict) -> float:

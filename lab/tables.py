@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -407,7 +408,7 @@ def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: flo
     return path
 
 
-def draw_curves(axes, curves: dict[str, list[Curve]], threshold: float | None = None,
+def draw_curves(axes: Axes, curves: dict[str, list[Curve]], threshold: float | None = None,
                 confidence: float = 0.95) -> None:
     """Each configuration's IQM evaluation return over seeds vs env steps, with its CI band, on `axes`."""
     for config, runs in curves.items():

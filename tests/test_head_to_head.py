@@ -429,3 +429,10 @@ def test_an_env_that_cannot_be_made_is_refused_in_one_line_before_any_run(tmp_pa
     stderr = capsys.readouterr().err
     assert stop.value.code == 2 and stderr.count("\n") == 1 and "cannot create environment 'NoSuchEnv-v0'" in stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_sbx_peers_run_only_in_a_one_thread_study(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--algos", "sac,sbx_tqc", "--seeds", "1", "--threads", "2", "--work-dir", str(tmp_path)])
+    stderr = capsys.readouterr().err
+    assert stop.value.code == 2 and stderr.count("\n") == 1 and "sbx_ peers run on one XLA thread" in stderr
