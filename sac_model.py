@@ -342,6 +342,8 @@ def _is_finite_number(text: str) -> bool:
 
 # 'auto' or 'auto+N' (also 'auto-N'): the env's registered reward threshold, plus N.
 TARGET_ABOVE_THRESHOLD = re.compile(r"auto(?:([+-](?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?))?")
+
+
 def registered_id(env_id: str) -> str:
     """The id gymnasium registers an env under: a "module:Env-v0" id is "Env-v0" once the module is imported."""
     return env_id.rpartition(":")[2]
@@ -353,30 +355,21 @@ def env_threshold(env_id: str) -> float | None:
     return None if threshold is None else float(threshold)
 
 
-def stop_margin(config: SACConfig) -> float:
-    """How far above the env's registered threshold the run stops: N for 'auto+N', 0 for 'auto', and for 'env'
-    the distance of its preset's stop target (0 where the preset names none)."""
-    if config.target_return == "env":
-        preset, threshold = env_preset(config.env), env_threshold(config.env)
-        if preset is None or preset.stop_target is None or threshold is None:
-            return 0.0
-        return preset.stop_target - threshold
-    return float(TARGET_ABOVE_THRESHOLD.fullmatch(config.target_return).group(1) or 0.0)
-
-
 def target_return(config: SACConfig) -> float | None:
-    """The return a run stops at: the number given; for 'env' its preset's stop target where it names one; else
-    for 'env', 'auto' and 'auto+N' the env's reward threshold plus `stop_margin` (None if the env registers no
-    threshold); None for 'none'."""
+    """The return a run stops at: the number given; None for 'none'; for 'env' its preset's stop target where it
+    names one; else the env's reward threshold ('env', 'auto'), plus N for 'auto+N' (None where the env registers
+    no threshold)."""
     if config.target_return == "none":
         return None
-    if config.target_return != "env" and not TARGET_ABOVE_THRESHOLD.fullmatch(config.target_return):
+    above = TARGET_ABOVE_THRESHOLD.fullmatch(config.target_return)
+    if config.target_return != "env" and not above:
         return float(config.target_return)
     preset = env_preset(config.env)
     if config.target_return == "env" and preset is not None and preset.stop_target is not None:
         return preset.stop_target
     threshold = env_threshold(config.env)
-    return None if threshold is None else threshold + stop_margin(config)
+    margin = float(above.group(1) or 0.0) if above else 0.0
+    return None if threshold is None else threshold + margin
 
 
 def check_lower_bound(mean: float, std: float, episodes: int, std_errors: float) -> float:
@@ -1373,7 +1366,8 @@ class SACAgent:
 
     def critic_loss(self, critic_params: dict[str, torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
                     next_obs: torch.Tensor, next_action: torch.Tensor,
-                    targets_from: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+                    targets_from: Callable[[torch.Tensor], torch.Tensor],
+                    weights: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The sum of the critics' losses (the kind's, importance-weighted); also each critic's loss, the values,
         the targets (`targets_from` the values of (s', a')) and the batch statistics of a batch-normalised pass.
 

@@ -34,7 +34,7 @@ from sac_model import (
     PRESETS, PRIORITIES, NStepCollector, ReplayBuffer, SACAgent, SACConfig, SACError, Tag, TrainingDivergedError,
     WriteError, check_checkpoint_fits_env, check_lower_bound, check_seed, checkpoint_config, env_preset,
     env_threshold, evaluate_policy, evaluation_seed, flag, flat_dim, is_solved, make_buffer, make_env, read_checkpoint,
-    preset_values, resolve_device, seed_everything, step_budget, stop_margin, target_return,
+    preset_values, resolve_device, seed_everything, step_budget, target_return,
 )
 # After SIGTERM the run finishes its episode only if that takes at most this long, then stops at once: a
 # container or job scheduler sends SIGKILL after a grace period (Docker's default: 10 s).
@@ -340,7 +340,7 @@ def stop_rule(config: SACConfig, budget: int) -> str:
         return f"trains its whole budget, {cap}: --eval-every 0 makes no evaluation to stop at"
     threshold, named = env_threshold(config.env), ""
     if threshold is not None and (config.target_return == "env" or config.target_return.startswith("auto")):
-        offset = stop_margin(config)
+        offset = target - threshold
         named = (" (the env's solved threshold)" if offset == 0 else
                  f" (the env's solved threshold, {threshold:g}, {'plus' if offset > 0 else 'minus'} {abs(offset):g})")
     margin = (f"its mean minus {config.target_std_errors:g} standard errors" if config.target_std_errors

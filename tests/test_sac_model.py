@@ -1487,7 +1487,8 @@ def test_the_envs_own_stop_target_adds_a_margin_only_where_a_study_chose_one():
     at the flag less the actions' cost), so a +60 there could never be met; Pendulum registers no threshold."""
     assert {env: p.stop_target for env, p in sac_model.ENV_PRESETS.items() if p.stop_target is not None} == {
         "LunarLanderContinuous-v3": 260.0}
-    assert sac_model.stop_margin(SACConfig()) == 60.0
+    assert target_return(SACConfig()) == 260.0  # 60 above LunarLander's threshold
+    assert target_return(SACConfig(target_return="auto")) == 200.0
     assert target_return(SACConfig(env="MountainCarContinuous-v0")) == 90.0
     assert target_return(SACConfig(env="BipedalWalker-v3")) == 300.0
     assert target_return(SACConfig(env="Pendulum-v1")) is None
