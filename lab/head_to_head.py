@@ -649,7 +649,8 @@ def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
             same_seeds = f"{ours_minutes:.1f} | {minutes / ours_minutes:.2f}"
         else:
             same_seeds = "n/a | n/a"  # a ratio to ours only where ours ran every one of these seeds
-        lines.append(f"| {algo} | {seed_list([r['seed'] for r in group])} | {sum(r['solved'] for r in group)} | "
+        solved = "-" if preset_target(env_id) is None else sum(r["solved"] for r in group)
+        lines.append(f"| {algo} | {seed_list([r['seed'] for r in group])} | {solved} | "
                      f"{minutes:.1f} | {same_seeds} | {np.median([r['steps'] for r in group]):,.0f} | "
                      f"{np.median([u.mean() for u in unseen]):.1f} | "
                      f"{shown_count(median_or_none([count_at_threshold(u, env_id) for u in unseen]))} | "
@@ -658,9 +659,10 @@ def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     return lines
 
 
-def side_by_side(rows: list[dict]) -> list[str]:
+def side_by_side(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     """Wall time (min) and env steps per seed, one column per algorithm, on the seeds a peer ran: the
-    comparison seed by seed; an unsolved run is marked."""
+    comparison seed by seed; an unsolved run is marked where runs stop when solved."""
+    unsolved = "" if preset_target(env_id) is None else ", unsolved"
     algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
     cell = {(r["algo"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows if r["algo"] != OURS})
@@ -670,7 +672,7 @@ def side_by_side(rows: list[dict]) -> list[str]:
         for algo in algos:
             record = cell.get((algo, seed))
             cells.append("" if record is None else f"{record['minutes']:.1f} ({record['steps'] / 1000:.0f}k"
-                         f"{'' if record['solved'] else ', unsolved'})")
+                         f"{'' if record['solved'] else unsolved})")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return lines
 
@@ -712,7 +714,7 @@ def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
     if ordered:
         lines += ["", *summary(ordered, env_id)]
     if any(r["algo"] != OURS for r in ordered):
-        lines += ["", "Seed by seed:", "", *side_by_side(ordered)]
+        lines += ["", "Seed by seed:", "", *side_by_side(ordered, env_id)]
     commits = sorted({r["commit"] for r in ordered} - {code_version(), None})
     sources = sorted({r["source"] for r in ordered if r.get("source")})
     crashes = ("crashes: episodes the env ended with the lander's body on the ground or out of bounds (lab.outcomes), "

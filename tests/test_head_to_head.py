@@ -399,7 +399,9 @@ def test_a_fixed_budget_env_trains_every_run_to_its_presets_budget(tmp_path: Pat
     text = page({"sac/3": record}, ["# head", ""], "Hopper-v5")
     assert "| algorithm | seed |" in text and "| >= 3800 | < 0 | crashes |" in text
     assert "No stop: every run trains Hopper-v5's preset budget, 300,000 env steps" in text
+    assert summary([record], "Hopper-v5")[2].startswith("| sac | 3 | - | 50.0 |")  # no stop: nothing to solve
     assert summary([record], "Hopper-v5")[2].endswith("| 1631.7 | 1 | 1 | - |")
+    assert side_by_side([record], "Hopper-v5")[2] == "| 3 | 50.0 (50k) |"
 
 
 def test_our_rows_from_another_envs_confirmation_must_match_its_env_and_episodes(tmp_path: Path):
