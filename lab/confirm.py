@@ -204,10 +204,14 @@ def baseline_lines(study: Study, records: list[dict]) -> list[str]:
 def row_cells(record: dict) -> list[str]:
     unseen = np.asarray(record["unseen"])
     step = solved_at(record)
-    _, mean, std = record["checks"][-1] if record["checks"] else (None, float("nan"), float("nan"))
-    return [str(record["seed"]), f"{step:,}" if step else f"not solved ({record['steps']:,})",
+    check = record["checks"][-1] if record["checks"] else None
+    if record["target"] is None:
+        ended = f"no stop ({record['steps']:,})"
+    else:
+        ended = f"{step:,}" if step else f"not solved ({record['steps']:,})"
+    return [str(record["seed"]), ended,
             f"{record['updates']:,}" if "updates" in record else "-", f"{wall_minutes(record):.1f}",
-            f"{mean:.1f} +/- {std:.1f}", str(len(record["checks"])), f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
+            f"{check[1]:.1f} +/- {check[2]:.1f}" if check else "none", str(len(record["checks"])), f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
             solved_episodes(record), str(int((unseen < 0).sum())), str(record.get("unseen_crashes", "-"))]
 
 
@@ -227,7 +231,9 @@ def page(study: Study, seeds: list[int]) -> str:
         f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
         f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "") + (
         f" --baseline {args.baseline}" if args.baseline else "") + (
-        f" --stop-after-losses {args.stop_after_losses}" if args.stop_after_losses else "")
+        f" --stop-after-losses {args.stop_after_losses}" if args.stop_after_losses else "") + "".join(
+        f" --{name.replace('_', '-')} {getattr(args, name)}" for name in ("unseen_episodes", "unseen_seed")
+        if getattr(args, name) != build_parser().get_default(name))
     lines = [f"# Study `{study.name}`", "", provenance(), "",
              f"Command: `{command}`: per seed `python train.py --seed N --threads 1"
              f"{''.join(' ' + shlex.quote(a) for a in study.train_args)}`, {args.concurrent} runs at a time "
@@ -244,10 +250,14 @@ def page(study: Study, seeds: list[int]) -> str:
         minutes = [wall_minutes(r) for r in records]
         unseen = [float(np.mean(r["unseen"])) for r in records]
         median_steps = np.median(steps)
-        lines += ["", f"Solved: {sum(s is not None for s in solved)} of {len(records)}; median env steps to solved "
-                  f"{'not reached' if np.isinf(median_steps) else f'{median_steps:,.0f}'} (unsolved count as never); "
-                  f"wall time median {np.median(minutes):.1f} min, slowest {max(minutes):.1f} min; final agents on "
-                  f"unseen episodes: median {np.median(unseen):.1f}, lowest {min(unseen):.1f}."]
+        if all(r["target"] is None for r in records):
+            ended = "No stop: every run trained its whole budget"
+        else:
+            ended = (f"Solved: {sum(s is not None for s in solved)} of {len(records)}; median env steps to solved "
+                     f"{'not reached' if np.isinf(median_steps) else f'{median_steps:,.0f}'} (unsolved count as "
+                     "never)")
+        lines += ["", f"{ended}; wall time median {np.median(minutes):.1f} min, slowest {max(minutes):.1f} min; final "
+                  f"agents on unseen episodes: median {np.median(unseen):.1f}, lowest {min(unseen):.1f}."]
     lines += baseline_lines(study, records)
     lines += ["", "Solved: the run stopped at a check (100 deterministic episodes it had not played) whose mean "
               "minus the configured number of standard errors reached the target. Wall time: the train.py process, "

@@ -136,6 +136,7 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     # Pendulum registers no solved threshold: no unseen episode is counted against one (LunarLander's 200 was).
     assert "| std | >= threshold | < 0 |" in page and all(row.split(" | ")[8] == "-" for row in rows)
     assert "Solved: 2 of 2; median env steps to solved 200" in page
+    assert "--unseen-episodes 3`" in page  # the command as it ran, its non-default flags included
     assert (tmp_path / "docs" / "pilot.png").stat().st_size > 1000
     results = json.loads((tmp_path / "docs" / "pilot.json").read_text())
     assert [len(results[f"defaults__seed{s}"]["unseen"]) for s in (3, 4)] == [3, 3]
@@ -246,3 +247,11 @@ def test_ctrl_c_stops_the_runs_at_a_checkpoint_in_one_line_and_the_same_command_
     record = json.loads((tmp_path / "docs" / "stopped.json").read_text())["defaults__seed6"]
     assert record["steps"] == 3000 and len(record["segments"]) == 2
     assert "| 6 | not solved (3,000) |" in (tmp_path / "docs" / "stopped.md").read_text()
+
+
+def test_a_run_without_a_stop_is_shown_as_trained_to_its_budget_not_as_unsolved():
+    from lab.confirm import row_cells
+    record = {"seed": 0, "segments": [[0.0, 600.0]], "steps": 300_000, "updates": 299_050, "checks": [],
+              "target": None, "target_episodes": 100, "std_errors": 2.0, "threshold": None, "unseen": [400.0, 500.0]}
+    assert row_cells(record)[:6] == ["0", "no stop (300,000)", "299,050", "10.0", "none", "0"]
+    assert row_cells(record)[8] == "-"  # no registered threshold to count the unseen episodes against
