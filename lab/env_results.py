@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from lab.head_to_head import ENV_ID, OURS, check_config, page_name, preset_target
 from lab.provenance import provenance
@@ -29,6 +30,7 @@ README = REPO / "README.md"
 README_START = "<!-- env_results: `python -m lab.env_results` writes what follows, up to the end marker -->"
 README_END = "<!-- /env_results -->"
 PEER = "sac"  # the peer every env is measured against: SB3's SAC at rl-zoo3's hyperparameters for the env
+COLORS = {"ours": "tab:blue", "SB3 SAC (zoo)": "tab:orange"}
 UNSEEN_EPISODES = 20  # episodes each final agent plays outside LunarLander (100 there, as its studies always did)
 
 
@@ -160,9 +162,14 @@ def plot(path: Path, results: Path = RESULTS) -> Path:
     rows = -(-len(ENVS) // 3)
     figure = Figure(figsize=(12, 3.5 * rows), dpi=100)
     for axes, env in zip(figure.subplots(rows, 3, squeeze=False).flat, ENVS):
-        rows = page_rows(env, results)
-        draw_curves(axes, {"ours": curves(rows.get(OURS, [])), "SB3 SAC (zoo)": curves(rows.get(PEER, []))})
+        runs = page_rows(env, results)
+        draw_curves(axes, {"ours": curves(runs.get(OURS, [])), "SB3 SAC (zoo)": curves(runs.get(PEER, []))},
+                    colors=COLORS)
         axes.set_title(env.env, fontsize=10)
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda steps, _: f"{steps / 1000:g}k"))
+        if not axes.lines:
+            axes.text(0.5, 0.5, "no curve yet", ha="center", va="center", transform=axes.transAxes, color="gray")
+            axes.set(xticks=[], yticks=[])
     figure.tight_layout()
     figure.savefig(path)
     return path

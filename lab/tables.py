@@ -409,15 +409,17 @@ def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: flo
 
 
 def draw_curves(axes: Axes, curves: dict[str, list[Curve]], threshold: float | None = None,
-                confidence: float = 0.95) -> None:
-    """Each configuration's IQM evaluation return over seeds vs env steps, with its CI band, on `axes`."""
+                confidence: float = 0.95, colors: dict[str, str] | None = None) -> None:
+    """Each configuration's IQM evaluation return over seeds vs env steps, with its CI band, on `axes` (in its
+    colour from `colors`, else the next of matplotlib's cycle)."""
     for config, runs in curves.items():
         if not runs or any(run.steps.size == 0 for run in runs):
             continue
         steps = np.unique(np.concatenate([run.steps for run in runs]))
         steps = steps[steps >= max(run.steps[0] for run in runs)]
         estimates = np.array([estimate(column, confidence) for column in values_at(runs, steps).T])
-        line, = axes.plot(steps, estimates[:, 0], drawstyle="steps-post", label=f"{config} ({len(runs)} seeds)")
+        line, = axes.plot(steps, estimates[:, 0], drawstyle="steps-post", label=f"{config} ({len(runs)} seeds)",
+                          color=(colors or {}).get(config))
         axes.fill_between(steps, estimates[:, 1], estimates[:, 2], step="post", color=line.get_color(), alpha=0.2,
                           linewidth=0)
     if threshold is not None:
