@@ -311,6 +311,10 @@ ENV_PRESETS: dict[str, EnvPreset] = {
         {"total_steps": 500_000}, "budget: rl-zoo3's for SAC and TQC; the stop target is the registered threshold, "
                                   "300 (300 + 60 is above what tuned SAC and TQC reach there)"),
     "Pendulum-v1": EnvPreset({"total_steps": 20_000}, "budget: rl-zoo3's for SAC; Pendulum registers no threshold"),
+    "MountainCarContinuous-v0": EnvPreset(
+        {"total_steps": 50_000, "start_steps": 10_000, "warmup_action_repeat": 10},
+        "budget: rl-zoo3's for SAC; warm-up: uniform actions held for 10 steps reach the flag, the one reward, "
+        "where actions redrawn every step never do (docs/envs.md); the stop target is the registered threshold, 90"),
     **{env: EnvPreset({"total_steps": 300_000, "start_steps": 10_000, "target_return": "none"},
                       "budget: 300k env steps, the field's early-learning comparison point (MR.Q's table); no stop: "
                       "a fixed budget, as benchmark tables train; warm-up: rl-zoo3's 10k for SAC on MuJoCo")

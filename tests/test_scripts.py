@@ -710,9 +710,11 @@ def test_an_envs_preset_sets_its_budget_says_so_and_flags_given_or_preset_none_w
         "preset: BipedalWalker-v3's (no value beside the defaults; --preset none")
     assert line("--env", "Hopper-v5").startswith(
         "preset: Hopper-v5's (--total-steps 300,000, --start-steps 10,000, --target-return none; --preset none")
-    assert line("--env", "MountainCarContinuous-v0") == ("preset: none, SACConfig's defaults (searched on "
+    assert line("--env", "InvertedPendulum-v5") == ("preset: none, SACConfig's defaults (searched on "
                                                          "LunarLander): ENV_PRESETS has none for "
-                                                         "MountainCarContinuous-v0")
+                                                         "InvertedPendulum-v5")
+    mountain_car = config("--env", "MountainCarContinuous-v0")
+    assert (mountain_car.start_steps, mountain_car.warmup_action_repeat) == (10_000, 10)
     assert line("--env", "BipedalWalker-v3", "--preset", "none") == (
         "preset: none, SACConfig's defaults (searched on LunarLander)")
     assert line("--preset", "crossq") == "preset: crossq, the values of PRESETS['crossq'] in sac_model.py"
