@@ -165,7 +165,10 @@ def plot(path: Path, results: Path = RESULTS) -> Path:
         runs = page_rows(env, results)
         draw_curves(axes, {"ours": curves(runs.get(OURS, [])), "SB3 SAC (zoo)": curves(runs.get(PEER, []))},
                     colors=COLORS)
-        axes.set_title(env.env, fontsize=10)
+        # Rows recorded before records kept their evaluations: their study page drew them at the time.
+        no_curve_kept = bool(runs.get(OURS)) and not curves(runs[OURS])
+        axes.set_title(env.env + (f"\n(ours: no curve kept; see docs/studies/{env.study}.png)" if no_curve_kept
+                                  else ""), fontsize=10)
         axes.xaxis.set_major_formatter(FuncFormatter(lambda steps, _: f"{steps / 1000:g}k"))
         if not axes.lines:
             axes.text(0.5, 0.5, "no curve yet", ha="center", va="center", transform=axes.transAxes, color="gray")
