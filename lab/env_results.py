@@ -20,7 +20,7 @@ from matplotlib.ticker import FuncFormatter
 
 from lab.head_to_head import ENV_ID, OURS, check_config, page_name, preset_target
 from lab.provenance import provenance
-from lab.tables import Curve, draw_curves
+from lab.tables import Curve, draw_curves, seeds_count
 from plumbing import REPO, OneLineErrorParser, fail
 from sac_model import SACError
 
@@ -108,7 +108,7 @@ def wall_time_ratio(peer: list[dict], ours: list[dict]) -> str:
     if not paired:
         return ""
     return (f"{np.median([r['minutes'] for r in paired]) / np.median([ours_by_seed[r['seed']] for r in paired]):.2f}"
-            f" ({len(paired)} seeds)")
+            f" ({seeds_count(len(paired))})")
 
 
 def budget(env_id: str) -> str:

@@ -390,6 +390,11 @@ def search_table(trials: list[SearchTrial]) -> str:
     return "\n".join(lines)
 
 
+def seeds_count(count: int) -> str:
+    """"1 seed", "3 seeds": the count of runs behind a figure, as a legend says it."""
+    return f"{count} seed" + ("" if count == 1 else "s")
+
+
 def plot_curves(curves: dict[str, list[Curve]], path: str | Path, threshold: float | None = None,
                 confidence: float = 0.95) -> Path:
     """PNG of each configuration's IQM evaluation return over seeds vs env steps, with its CI band.
@@ -418,7 +423,7 @@ def draw_curves(axes: Axes, curves: dict[str, list[Curve]], threshold: float | N
         steps = np.unique(np.concatenate([run.steps for run in runs]))
         steps = steps[steps >= max(run.steps[0] for run in runs)]
         estimates = np.array([estimate(column, confidence) for column in values_at(runs, steps).T])
-        line, = axes.plot(steps, estimates[:, 0], drawstyle="steps-post", label=f"{config} ({len(runs)} seeds)",
+        line, = axes.plot(steps, estimates[:, 0], drawstyle="steps-post", label=f"{config} ({seeds_count(len(runs))})",
                           color=(colors or {}).get(config))
         axes.fill_between(steps, estimates[:, 1], estimates[:, 2], step="post", color=line.get_color(), alpha=0.2,
                           linewidth=0)

@@ -45,6 +45,14 @@ def test_each_env_gets_the_median_of_its_seeds_and_the_wall_time_ratio_on_shared
     assert published.startswith("| Hopper-v5 | 2500.0 | 2469 | 1.01 | 2326 +/- 1130 @1M |")  # 2500 / 2469
 
 
+def test_a_ratio_on_one_shared_seed_says_seed_in_the_singular(tmp_path: Path):
+    rows = [run("ours", 0, 50.0, [4000.0]), run("sac", 0, 150.0, [3000.0])]
+    (tmp_path / "head_to_head_Walker2d-v5.json").write_text(
+        json.dumps({"rows": {f"{r['algo']}/{r['seed']}": r for r in rows}}))
+    walker = next(line for line in measured_table(tmp_path) if line.startswith("| Walker2d-v5 |"))
+    assert walker.endswith("| 3.00 (1 seed) |")
+
+
 def test_a_runs_budget_is_its_envs_preset():
     assert budget("LunarLanderContinuous-v3") == "until 260 (at most 300k)"
     assert budget("BipedalWalker-v3") == "until 300 (at most 500k)"
