@@ -24,6 +24,7 @@ import numpy as np
 
 from lab import launch, outcomes
 from lab.configs import CONFIGS, VARIANTS
+from lab.docs_index import require_indexed
 from lab.provenance import provenance
 from lab.records import commit, parse_seeds, record_threshold, solved_at, threshold_label, wall_minutes
 from lab.tables import load_study, plot_curves, run_name
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SACError("--concurrent and --unseen-episodes must be positive")
         if args.stop_after_losses and not args.baseline:
             raise SACError("--stop-after-losses counts losses against a --baseline: name one")
+        if args.commit:
+            require_indexed(args.docs_dir / f"{args.name}.md")
         study = Study(args.name, args)
         study.complete_records()
         if not args.report_only:

@@ -6,24 +6,20 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from lab.docs_index import FENCE, LINK, prose, require_indexed, unindexed_pages
 from lab.provenance import machine, provenance
 from plumbing import git_commit
+from sac_model import SACError
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
          *sorted((REPO / "docs" / "studies").glob("*.md"))]
-LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
 ISSUE_REFERENCE = re.compile(r"(?<![&\w])#\d+\b")
-
-
-def prose(text: str) -> str:
-    """The Markdown without its fenced code blocks and inline code spans, where brackets are not links."""
-    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
 
 
 def anchors(page: Path) -> set[str]:
@@ -68,13 +64,6 @@ def test_a_broken_link_or_heading_is_caught(tmp_path: Path) -> None:
                                   "other.md#no-such-heading (no heading #no-such-heading in other.md)"]
 
 
-def unindexed_pages(index: Path) -> list[str]:
-    """The Markdown pages under the index's folder (subfolders too) that the index does not link to."""
-    linked = {(index.parent / target.partition("#")[0]).resolve() for target in LINK.findall(prose(index.read_text()))}
-    pages = sorted(page for page in index.parent.rglob("*.md") if page != index)
-    return [str(page.relative_to(index.parent)) for page in pages if page.resolve() not in linked]
-
-
 def test_the_docs_index_links_every_page() -> None:
     assert unindexed_pages(REPO / "docs" / "README.md") == []
 
@@ -87,6 +76,23 @@ def test_a_page_missing_from_the_index_is_caught(tmp_path: Path) -> None:
     index.write_text("[question](question.md#a-page) [listed](studies/listed.md)\n"
                      "```\n[not a link](forgotten_too.md)\n```\n")
     assert unindexed_pages(index) == ["forgotten_too.md", "studies/forgotten.md"]
+
+
+def test_a_study_refuses_to_commit_a_page_its_docs_index_does_not_list(tmp_path: Path) -> None:
+    """A study run with --commit would land a page the docs test fails on: it says so before its first run."""
+    docs = tmp_path / "docs"
+    (docs / "studies").mkdir(parents=True)
+    (docs / "README.md").write_text("| [listed.md](studies/listed.md) | a study |\n")
+    require_indexed(docs / "studies" / "listed.md")  # listed before its page exists: fine
+    require_indexed(tmp_path / "elsewhere" / "new.md")  # no docs index above it: not checked
+    with pytest.raises(SACError, match="does not link studies/new.md"):
+        require_indexed(docs / "studies" / "new.md")
+    confirm = subprocess.run([sys.executable, "-m", "lab.confirm", "--name", "new", "--seeds", "0", "--commit",
+                              "--docs-dir", str(docs / "studies")], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert confirm.returncode == 2 and confirm.stderr.count("\n") == 1 and "does not link studies/new.md" in \
+        confirm.stderr, confirm.stderr
+    assert not (tmp_path / "studies").exists()  # nothing ran
 
 
 def test_no_page_cites_an_issue_number() -> None:
