@@ -227,8 +227,11 @@ def test_ctrl_c_stops_the_runs_at_a_checkpoint_in_one_line_and_the_same_command_
     # Ctrl-C in a terminal reaches the whole process group: the study and its train.py runs.
     args = ("--name", "stopped", "--seeds", "6", "--train-args",
             f"{TINY} --eval-every 1000 --target-return 0 --total-steps 3000")
+    # As from a terminal: a shell that starts pytest in the background hands it Ctrl-C ignored, and Python then
+    # never raises KeyboardInterrupt in the study.
     study = subprocess.Popen(confirm_command(tmp_path, *args), cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "studies" / "stopped" / "defaults__seed6.log"
     deadline = time.monotonic() + 120
     while not (log.is_file() and "Ctrl-C" in log.read_text()) and time.monotonic() < deadline:
