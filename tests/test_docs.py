@@ -87,12 +87,13 @@ def test_a_study_refuses_to_commit_a_page_its_docs_index_does_not_list(tmp_path:
     require_indexed(tmp_path / "elsewhere" / "new.md")  # no docs index above it: not checked
     with pytest.raises(SACError, match="does not link studies/new.md"):
         require_indexed(docs / "studies" / "new.md")
+    # --report-only: were the check gone, the study would write its page at once instead of training for minutes.
     confirm = subprocess.run([sys.executable, "-m", "lab.confirm", "--name", "new", "--seeds", "0", "--commit",
-                              "--docs-dir", str(docs / "studies")], cwd=tmp_path, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                              "--report-only", "--docs-dir", str(docs / "studies")], cwd=tmp_path,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert confirm.returncode == 2 and confirm.stderr.count("\n") == 1 and "does not link studies/new.md" in \
         confirm.stderr, confirm.stderr
-    assert not (tmp_path / "studies").exists()  # nothing ran
+    assert not (tmp_path / "studies").exists() and not (docs / "studies" / "new.md").exists()  # nothing ran
 
 
 def test_no_page_cites_an_issue_number() -> None:
