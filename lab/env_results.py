@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -43,7 +44,13 @@ class EnvResults:
     env: str
     study: str  # the lab.confirm study of our runs, docs/studies/<study>.json
     published: dict[str, str] = field(default_factory=dict)  # column -> the value as published, with its budget
-    mrq_300k: float | None = None  # MR.Q's mean return at 300k env steps over its 10 seeds
+    # MR.Q's 10 seeds at env step 300,000, each its 10-episode deterministic evaluation (its results/gym_results.txt)
+    mrq_300k_seeds: tuple[float, ...] = ()
+
+    @property
+    def mrq_300k(self) -> float | None:
+        """MR.Q's published figure: the mean of its seeds at 300k env steps."""
+        return float(np.mean(self.mrq_300k_seeds)) if self.mrq_300k_seeds else None
 
 
 PUBLISHED_COLUMNS = ("rl-zoo3 SAC", "rl-zoo3 TQC", "CleanRL SAC")
@@ -54,15 +61,19 @@ ENVS = (
                {"rl-zoo3 SAC": "297.7 +/- 33.1 @500k", "rl-zoo3 TQC": "329.8 +/- 45.1 @500k"}),
     EnvResults("Hopper-v5", "hopper_300k",
                {"rl-zoo3 SAC": "2326 +/- 1130 @1M", "rl-zoo3 TQC": "3754 +/- 8 @1M",
-                "CleanRL SAC": "2310 +/- 343 @1M"}, mrq_300k=2469),
+                "CleanRL SAC": "2310 +/- 343 @1M"},
+               mrq_300k_seeds=(3670.2, 2932.3, 1692.3, 1499.7, 1689.8, 2886.6, 1605.1, 3440.6, 1798.2, 3472.9)),
     EnvResults("HalfCheetah-v5", "halfcheetah_300k",
                {"rl-zoo3 SAC": "9535 +/- 100 @1M", "rl-zoo3 TQC": "12090 +/- 127 @1M",
-                "CleanRL SAC": "9635 +/- 1424 @1M"}, mrq_300k=10835),
+                "CleanRL SAC": "9635 +/- 1424 @1M"},
+               mrq_300k_seeds=(11922.0, 11591.3, 10672.9, 9720.2, 11909.4, 10739.7, 7043.7, 12097.4, 11417.6, 11236.8)),
     EnvResults("Walker2d-v5", "walker2d_300k",
                {"rl-zoo3 SAC": "3863 +/- 254 @1M", "rl-zoo3 TQC": "4381 +/- 500 @1M",
-                "CleanRL SAC": "3591 +/- 911 @1M"}, mrq_300k=4509),
+                "CleanRL SAC": "3591 +/- 911 @1M"},
+               mrq_300k_seeds=(4894.0, 3822.2, 3927.0, 5223.4, 4808.8, 4162.9, 3242.2, 4221.2, 4881.0, 5906.8)),
     EnvResults("Ant-v5", "ant_300k",
-               {"rl-zoo3 SAC": "4616 +/- 1354 @1M", "rl-zoo3 TQC": "3339 +/- 1970 @1M"}, mrq_300k=4674),
+               {"rl-zoo3 SAC": "4616 +/- 1354 @1M", "rl-zoo3 TQC": "3339 +/- 1970 @1M"},
+               mrq_300k_seeds=(3877.3, 6403.9, 4416.4, 4004.2, 4401.0, 4675.9, 2479.7, 5251.7, 6512.5, 4715.6)),
 )
 PUBLISHED_SOURCES = (
     "rl-zoo3: DLR-RM/rl-baselines3-zoo benchmark.md (rows unchanged since 2021), one trained agent each, MuJoCo at "
@@ -70,7 +81,7 @@ PUBLISHED_SOURCES = (
     "CleanRL: vwxyzjn/cleanrl docs/benchmark/sac.md, v4, 3 seeds: each seed's last 100 training episodes (stochastic "
     "policy), mean and population std over the seeds; 161-175 min per 1M-step run on its GPU machine.",
     "MR.Q: facebookresearch/MRQ results/gym_results.txt, v4: the mean over its 10 seeds of each seed's 10-episode "
-    "deterministic evaluation at env step 300,000 of its 1M-step runs.",
+    "deterministic evaluation at env step 300,000 of its 1M-step runs; the range is its lowest and highest seed.",
 )
 
 
@@ -89,12 +100,17 @@ def final_return(row: dict) -> float:
     return float(np.mean(row["unseen"]))
 
 
+def spread(values: Sequence[float], spec: str = ".0f") -> str:
+    """The lowest and the highest of the seeds' values."""
+    return f"{min(values):{spec}} to {max(values):{spec}}"
+
+
 def quality(rows: list[dict]) -> str:
     """The median over seeds of the final agents' unseen return, with the lowest and highest seed."""
     if not rows:
         return "not run yet"
     returns = [final_return(row) for row in rows]
-    return f"{np.median(returns):.1f} ({min(returns):.1f} to {max(returns):.1f})"
+    return f"{np.median(returns):.1f} ({spread(returns, '.1f')})"
 
 
 def wall_time(rows: list[dict]) -> str:
@@ -138,15 +154,15 @@ def measured_table(results: Path = RESULTS) -> list[str]:
 
 def published_table(results: Path = RESULTS) -> list[str]:
     """Ours beside the rows other projects published, and MR.Q's return at 300k env steps."""
-    lines = ["| env | ours (median of seeds) | MR.Q @300k | ours / MR.Q | " + " | ".join(PUBLISHED_COLUMNS) + " |",
+    lines = ["| env | ours: median (range) | MR.Q @300k: mean (range) | ours / MR.Q | "
+             + " | ".join(PUBLISHED_COLUMNS) + " |",
              "| --- " * (4 + len(PUBLISHED_COLUMNS)) + "|"]
     for env in ENVS:
         ours = page_rows(env, results).get(OURS, [])
         median = float(np.median([final_return(row) for row in ours])) if ours else None
-        mrq = "" if env.mrq_300k is None else f"{env.mrq_300k:g}"
+        mrq = "" if env.mrq_300k is None else f"{env.mrq_300k:.0f} ({spread(env.mrq_300k_seeds)})"
         ratio = f"{median / env.mrq_300k:.2f}" if median is not None and env.mrq_300k else ""
-        ours_cell = "not run yet" if median is None else f"{median:.1f}"
-        lines.append(f"| {env.env} | {ours_cell} | {mrq} | {ratio} | "
+        lines.append(f"| {env.env} | {quality(ours)} | {mrq} | {ratio} | "
                      + " | ".join(env.published.get(column, "") for column in PUBLISHED_COLUMNS) + " |")
     return lines
 
