@@ -264,8 +264,9 @@ def page(study: Study, seeds: list[int]) -> str:
               "minus the configured number of standard errors reached the target. Wall time: the train.py process, "
               "compile included (a resumed run adds its second start). Crashes: unseen episodes that ended with the "
               "lander's body on the ground or out of bounds (lab.outcomes; '-' where not recorded or not "
-              "LunarLander); a crash after a good approach can still return more than 0.", "",
-              f"![curves]({study.name}.png)", ""]
+              "LunarLander); a crash after a good approach can still return more than 0.", ""]
+    if records:  # the curves are drawn from the finished seeds
+        lines += [f"![curves]({study.name}.png)", ""]
     return "\n".join(lines)
 
 
@@ -347,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         study = Study(args.name, args)
         study.complete_records()
         if not args.report_only:
+            if args.commit and not (args.docs_dir / f"{args.name}.md").exists():
+                # The docs index links the page from before the first run: from now on it exists, and says so.
+                study.save()
+                commit(write_report(study, seeds), f"{args.name}: started, no seed finished yet")
             run(study, seeds)
         print(f"wrote {', '.join(str(p) for p in write_report(study, seeds))}")
     except SACError as error:

@@ -96,6 +96,30 @@ def test_a_study_refuses_to_commit_a_page_its_docs_index_does_not_list(tmp_path:
     assert not (tmp_path / "studies").exists() and not (docs / "studies" / "new.md").exists()  # nothing ran
 
 
+def test_a_committed_study_commits_its_page_before_its_first_run_so_the_index_never_links_nothing(
+        tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    (docs / "studies").mkdir(parents=True)
+    (docs / "README.md").write_text("| [new.md](studies/new.md) | a study |\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "the index row first")
+    # A seed whose run fails at once: the page must already be committed when it does.
+    confirm = subprocess.run([sys.executable, "-m", "lab.confirm", "--name", "new", "--seeds", "0", "--commit",
+                              "--train-args", "--env NoSuchEnv-v0", "--docs-dir", str(docs / "studies")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "GIT_AUTHOR_NAME": "t",
+                                  "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+                                  "GIT_COMMITTER_EMAIL": "t@example.com"})
+    assert confirm.returncode == 2 and "defaults__seed0 exited with code" in confirm.stderr, confirm.stderr
+    committed = subprocess.run(["git", "show", "--name-only", "--format=%s", "HEAD"], cwd=tmp_path,
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+    assert committed[0] == "new: started, no seed finished yet"
+    assert sorted(filter(None, committed[1:])) == ["docs/studies/new.json", "docs/studies/new.md"]
+    assert "(0 of 1 seeds finished)" in (docs / "studies" / "new.md").read_text()
+    assert broken_links(docs / "README.md") == [] and broken_links(docs / "studies" / "new.md") == []
+
+
 def test_no_page_cites_an_issue_number() -> None:
     # A reader of the repository has the git log, not the tracker the numbers pointed to.
     for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
