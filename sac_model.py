@@ -126,6 +126,9 @@ class SACConfig:
                                           "LunarLander); a cut is bootstrapped, never treated as terminal")
     hidden_size: int = _option(256, "width of the two hidden layers of the actor and of each critic")
     layer_norm: bool = _option(True, "LayerNorm after each hidden Linear layer")
+    obs_norm: bool = _option(False, "standardise the observations the actor and the critics see by the running mean "
+                                    "and variance of every observation the run's training episodes met (SimBa's "
+                                    "running-statistics normalisation), clipped at +/- 10 as SB3's VecNormalize does")
     # The twin critic stays the default: CrossQ's critics (PRESETS["crossq"]) reached the 260 check in a third of the
     # env steps, but on fresh seeds some of their agents crashed more often than the default run allows
     # (docs/critics.md).
@@ -925,6 +928,38 @@ def squashed_gaussian(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Te
     return torch.tanh(pre_tanh), tanh_gaussian_log_prob(pre_tanh, mean, log_std)
 
 
+class RunningObsNorm(nn.Module):
+    """Observations standardised by the running mean and variance of those met so far.
+
+    Observation scales differ by orders of magnitude between envs and within one (joint angles beside
+    velocities): standardised inputs let one set of learning rates fit them all. The statistics change only
+    through `observe`, called once per env observation of the training episodes, outside the gradient step;
+    the step and the policy read them. Evaluation episodes leave them alone, as VecNormalize's eval mode does.
+    """
+
+    CLIP = 10.0  # VecNormalize's clip_obs: a rare observation far out cannot blow up the first layer
+    EPS = 1e-8
+
+    def __init__(self, obs_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(obs_dim))
+        self.register_buffer("var", torch.ones(obs_dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, obs: np.ndarray) -> None:
+        """Fold one observation into the statistics (Chan et al.'s parallel update, for a batch of one)."""
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32).reshape(-1), device=self.mean.device)
+        count = self.count + 1
+        delta = x - self.mean
+        self.mean.add_(delta / count)
+        self.var.copy_((self.var * self.count + delta.pow(2) * self.count / count) / count)
+        self.count.copy_(count)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return ((obs - self.mean) / (self.var + self.EPS).sqrt()).clamp(-self.CLIP, self.CLIP)
+
+
 class GaussianPolicy(nn.Module):
     """pi(a|s): a diagonal Gaussian over pre-squash actions, squashed by tanh into [-1, 1]."""
 
@@ -1249,6 +1284,7 @@ class SACAgent:
                                                self.products_rounded_in_fp32).to(self.device)
         self.critic_target = (copy.deepcopy(self.critic).requires_grad_(False)
                               if self.critic_kind.uses_target_network else None)
+        self.obs_norm = RunningObsNorm(obs_dim).to(self.device) if config.obs_norm else None
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=self.device, requires_grad=True)
         self.target_entropy = -float(self.action_dim)
 
@@ -1335,6 +1371,15 @@ class SACAgent:
 
     # ---- acting ----
 
+    def observe(self, obs: np.ndarray) -> None:
+        """Count an observation of a training episode in the observation statistics (--obs-norm); else nothing."""
+        if self.obs_norm is not None:
+            self.obs_norm.observe(obs)
+
+    def normalized(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the networks see of observations: standardised under --obs-norm, else the observations."""
+        return obs if self.obs_norm is None else self.obs_norm(obs)
+
     def select_action(self, state: np.ndarray, evaluate: bool = False) -> np.ndarray:
         """An action inside the env's bounds: sampled, or tanh(mean) when `evaluate`.
 
@@ -1343,7 +1388,7 @@ class SACAgent:
         """
         with torch.inference_mode():
             obs = torch.from_numpy(np.asarray(state, dtype=np.float32).reshape(1, -1)).to(self.device)
-            mean, log_std = self.actor(obs)
+            mean, log_std = self.actor(self.normalized(obs))
             pre_tanh = mean if evaluate else mean + log_std.exp() * torch.randn_like(mean)
             squashed = torch.tanh(pre_tanh)[0].cpu().numpy()
         return np.clip(squashed * self._action_scale + self._action_center, self.action_low, self.action_high)
@@ -1457,6 +1502,7 @@ class SACAgent:
         is logged without further code), and PRIORITIES (the kind's TD error + 1e-6, one per sample).
         """
         actor_lr, critic_lr, alpha_lr = learning_rates
+        obs, next_obs = self.normalized(obs), self.normalized(next_obs)
         alpha = self.log_alpha.exp()
         next_action, next_log_prob = squashed_gaussian(*self.actor(next_obs), noise[0])
         targets_from = functools.partial(self.soft_targets, next_log_prob=next_log_prob, rewards=rewards,
@@ -1524,11 +1570,12 @@ class SACAgent:
     # ---- saving and loading ----
 
     def state_dict(self) -> dict:
-        """Networks, targets, temperature, optimizers and schedulers as plain state_dicts."""
+        """Networks, targets, observation statistics, temperature, optimizers and schedulers as plain state_dicts."""
         return {
             "actor": self.actor.state_dict(),
             "critic": self.critic.state_dict(),
             **({"critic_target": self.critic_target.state_dict()} if self.critic_target is not None else {}),
+            **({"obs_norm": self.obs_norm.state_dict()} if self.obs_norm is not None else {}),
             "log_alpha": self.log_alpha.detach().cpu(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -1539,6 +1586,8 @@ class SACAgent:
         self.critic.load_state_dict(state["critic"])
         if self.critic_target is not None:
             self.critic_target.load_state_dict(state["critic_target"])
+        if self.obs_norm is not None:
+            self.obs_norm.load_state_dict(state["obs_norm"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
         for name, opt in self.optimizers.items():
@@ -1705,7 +1754,7 @@ def read_checkpoint(path: str | Path) -> dict:
 # Fields a checkpoint may predate, with the value that gives the design such a checkpoint was trained with
 # (not today's default, which may change).
 FIELDS_ADDED_LATER = {"critic": "twin", "num_critics": 2, "policy_delay": 1, "adam_beta1": 0.9,
-                     "warmup_action_repeat": 1}
+                     "warmup_action_repeat": 1, "obs_norm": False}
 
 
 def checkpoint_config(checkpoint: dict) -> SACConfig:

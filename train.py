@@ -440,6 +440,7 @@ def play_episode(run: Run, budget: int) -> Episode:
     """One training episode, with the gradient steps owed along the way; cut short only by the step budget."""
     config, progress, agent = run.config, run.progress, run.agent
     obs, _ = run.env.reset(seed=run.next_reset_seed)
+    agent.observe(obs)
     run.next_reset_seed = None
     run.collector.clear()
     episode = Episode()
@@ -450,6 +451,7 @@ def play_episode(run: Run, budget: int) -> Episode:
         else:
             env_action = agent.select_action(obs)
         next_obs, reward, episode.terminated, episode.truncated, _ = run.env.step(env_action)
+        agent.observe(next_obs)
         for transition in run.collector.push(obs, agent.normalize_action(env_action), reward, next_obs,
                                              episode.terminated, episode.truncated):
             run.buffer.add(*transition)

@@ -21,6 +21,7 @@ CONFIGS = {
 # Other ways to run the same method, compared only when --configs names them (never part of the default study).
 VARIANTS = {
     "bf16": ["--precision", "bf16"],  # bf16 matrix products: does the speed cost learning?
+    "obs_norm": ["--obs-norm"],  # observations standardised by their running statistics (docs/critics.md)
     # The default before the run stopped at 260: the first check that clears the env's solved threshold.
     "stop_at_200": ["--target-return", "auto"],
     # The critic kinds of docs/critics.md's pilots, each with the flags it ran with.

@@ -195,7 +195,8 @@ def test_a_resume_changes_exactly_the_flags_declared_resumable_and_refuses_the_r
     checkpoint = {"metadata": {"config": dataclasses.asdict(SACConfig(run_name="r"))}}
     changed = {"env": "Pendulum-v1", "buffer": "prioritized", "target_return": "none", "precision": "bf16",
                "device": "cpu", "run_name": "other", "layer_norm": False, "compile": False, "save_buffer": False,
-               "cuda_graphs": True, "critic": "tqc", "adam_beta1": 0.7}
+               "cuda_graphs": True, "critic": "tqc", "adam_beta1": 0.7,
+               "obs_norm": True}
     for field in dataclasses.fields(SACConfig):
         value = changed.get(field.name, 7 if field.type in ("int", "int | None") else 0.5)
         argv = ["--resume", "r", *([f"--{'no-' if value is False else ''}{field.name.replace('_', '-')}"]
