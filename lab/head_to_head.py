@@ -580,10 +580,9 @@ def run(study: Study, pairs: list[tuple[str, int]]) -> None:
                 failed.append(str(error))
                 continue
             paths = study.save()
-            cells = row_cells(record)
-            print(f"{time.strftime('%H:%M:%S')} done {' | '.join(cells)}", flush=True)
+            print(f"{time.strftime('%H:%M:%S')} done {' | '.join(row_cells(record, study.args.env))}", flush=True)
             if study.args.commit:
-                commit(paths, f"time to solved: {pair[0]} seed {pair[1]} finished ({' | '.join(cells[2:])})")
+                commit(paths, finished_message(record, study.args.env))
     if failed:
         raise SACError(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
 
@@ -619,6 +618,12 @@ def row_cells(record: dict, env_id: str = ENV_ID) -> list[str]:
             f"{check[1]:.1f} +/- {check[2]:.1f}" if check else "none", f"{unseen.mean():.1f}", f"{unseen.std():.1f}",
             shown_count(count_at_threshold(unseen, env_id)), str(int((unseen < 0).sum())),
             shown_count(record["crashes"])]
+
+
+def finished_message(record: dict, env_id: str) -> str:
+    """The commit message of a finished run's row: its page, and its cells as the env's page shows them."""
+    return (f"{page_name(env_id)}: {record['algo']} seed {record['seed']} finished "
+            f"({' | '.join(row_cells(record, env_id)[2:])})")
 
 
 def seed_list(seeds: list[int]) -> str:

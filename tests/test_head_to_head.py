@@ -22,9 +22,9 @@ from stable_baselines3 import SAC  # noqa: E402
 
 import lab.head_to_head as head_to_head  # noqa: E402
 from lab.head_to_head import (  # noqa: E402
-    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, main, make_check_callback,
-    model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry, row_cells, side_by_side,
-    summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
+    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, finished_message, main,
+    make_check_callback, model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry,
+    row_cells, side_by_side, summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
 from sac_model import (  # noqa: E402
     EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, make_env, target_return,
@@ -402,6 +402,9 @@ def test_a_fixed_budget_env_trains_every_run_to_its_presets_budget(tmp_path: Pat
     assert summary([record], "Hopper-v5")[2].startswith("| sac | 3 | - | 50.0 |")  # no stop: nothing to solve
     assert summary([record], "Hopper-v5")[2].endswith("| 1631.7 | 1 | 1 | - |")
     assert side_by_side([record], "Hopper-v5")[2] == "| 3 | 50.0 (50k) |"
+    # The row's commit names its page and counts the env's threshold (Hopper's 3800), not LunarLander's 200.
+    assert finished_message(record, "Hopper-v5").startswith("head_to_head_Hopper-v5: sac seed 3 finished (")
+    assert finished_message(record, "Hopper-v5").endswith("| 1631.7 | 1655.6 | 1 | 1 | -)")
 
 
 def test_our_rows_from_another_envs_confirmation_must_match_its_env_and_episodes(tmp_path: Path):
