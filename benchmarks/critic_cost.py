@@ -1,15 +1,17 @@
-"""Milliseconds per gradient step of each critic configuration, against today's default critic in the same process.
+"""Milliseconds of gradient steps per env step of each configuration, against today's default in the same process.
 
     python benchmarks/critic_cost.py                                  # full (the default), tqc, crossq; 1 thread
     python benchmarks/critic_cost.py --configs full,tqc --threads 2 --repeats 7 --output benchmarks/results/x.md
 
 Each configuration (lab/configs.py: its train.py flags over the defaults) builds a LunarLander-shaped agent
-(8 observations, 2 actions) whose step is compiled, as a default run's is, and draws batches from a uniform
-buffer of random transitions. After a warm-up that compiles every graph the step has (a --policy-delay makes
-two), each repeat times --updates steps of every configuration in turn, so that a noisy neighbour hits them
-all alike. Prints one Markdown row per configuration: the median over repeats, the spread, and the ratio to
-the first configuration's median. The cost of an env step at the defaults is about one gradient step plus
-the env and the action; docs/critics.md's budget is a ratio of at most 1.3.
+(8 observations, 2 actions) whose step is compiled, as a default run's is, and draws batches of its own
+--batch-size from a uniform buffer of random transitions. After a warm-up that compiles every graph the step
+has (a --policy-delay makes two), each repeat times --updates steps of every configuration in turn, so that a
+noisy neighbour hits them all alike. Prints one Markdown row per configuration: the median milliseconds per
+gradient step over repeats, its spread, the gradient steps each env step pays for (--updates-per-step), their
+milliseconds per env step, and that cost's ratio to the first configuration's. The cost of an env step at the
+defaults is about one gradient step plus the env and the action; docs/critics.md's budget is a ratio of at
+most 1.3.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def random_buffer(size: int = 20_000) -> ReplayBuffer:
 def ms_per_update(agent: SACAgent, buffer: ReplayBuffer, updates: int) -> float:
     start = time.perf_counter()
     for _ in range(updates):
-        metrics = agent.update(buffer.sample(256))
+        metrics = agent.update(buffer.sample(agent.config.batch_size))
     next(iter(metrics.values())).item()  # the steps are done
     return (time.perf_counter() - start) * 1000 / updates
 
@@ -88,15 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for name, agent in agents.items():
             times[name].append(ms_per_update(agent, buffer, args.updates))
-    reference = statistics.median(times[names[0]])
+    per_env_step = {name: statistics.median(times[name]) * agents[name].config.updates_per_step for name in names}
     lines = [provenance(), "", f"`python benchmarks/critic_cost.py --configs {args.configs} --threads {args.threads} "
-             f"--repeats {args.repeats} --updates {args.updates}`: ms per compiled gradient step, batch 256, "
-             f"LunarLander shapes, median (min-max) over repeats.", "",
-             "| configuration | flags | ms per step | range | ratio |", "| --- | --- | --- | --- | --- |"]
+             f"--repeats {args.repeats} --updates {args.updates}`: ms per compiled gradient step at each "
+             f"configuration's batch size, LunarLander shapes, median (min-max) over repeats; the gradient steps "
+             f"per env step and their ms per env step; that cost's ratio to the first configuration's.", "",
+             "| configuration | flags | ms per gradient step | range | gradient steps per env step | "
+             "ms per env step | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names:
-        median = statistics.median(times[name])
-        lines.append(f"| {name} | {' '.join(known[name]) or '(defaults)'} | {median:.2f} | "
-                     f"{min(times[name]):.2f}-{max(times[name]):.2f} | {median / reference:.2f} |")
+        lines.append(f"| {name} | {' '.join(known[name]) or '(defaults)'} | {statistics.median(times[name]):.2f} | "
+                     f"{min(times[name]):.2f}-{max(times[name]):.2f} | {agents[name].config.updates_per_step} | "
+                     f"{per_env_step[name]:.2f} | {per_env_step[name] / per_env_step[names[0]]:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.output:

@@ -28,4 +28,10 @@ VARIANTS = {
     "tqc": ["--critic", "tqc"],  # 2 critics x 25 quantiles, 2 dropped per critic: sb3-contrib's and rl-zoo3's
     # CrossQ's paper's optimizer settings beside its critics; the rest (n-step 3, batch 256, width 256) ours.
     "crossq": preset_flags("crossq"),
+    # The batch size / update-to-data / width trade, judged in wall time to the landed lander (docs/critics.md):
+    # a cheaper gradient step that needs more env steps can still land sooner, a dearer one must need fewer.
+    "width_128": ["--hidden-size", "128"],
+    "batch_128": ["--batch-size", "128"],
+    "batch_512": ["--batch-size", "512"],
+    "utd_2": ["--updates-per-step", "2"],
 }

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --baseline: start no new seed once this many seeds were solved later than in the "
                              "baseline, or not at all (a pilot's sequential rule: drop a design at its second loss); "
                              "0: never")
+    parser.add_argument("--lose-on", choices=tuple(SOONER), default="env-steps",
+                        help="with --baseline: what 'later' means, env steps to the passing check or the run's wall "
+                             "time to it (a design with a cheaper or dearer step: the trade is paid in minutes)")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "studies",
                         help="where <name>.md, .png and .json (the results, for resuming anywhere) go")
     parser.add_argument("--commit", action="store_true", help="git-commit <name>.md, .png and .json after each row")
@@ -175,11 +178,22 @@ def steps_to_solved(record: dict) -> float:
     return float("inf") if step is None else float(step)
 
 
-def lost(record: dict, baseline: dict[int, dict]) -> bool:
-    """Solved later than the baseline on the same seed, or not at all where the baseline was; a seed the baseline
-    never ran is no loss."""
+def minutes_to_solved(record: dict) -> float:
+    """The run's wall time to its passing check; infinite for a run that never passed one."""
+    return wall_minutes(record) if solved_at(record) is not None else float("inf")
+
+
+# How soon a seed passed its check, by --lose-on: its unit's label and how a value is shown.
+SOONER = {"env-steps": (steps_to_solved, "env steps", "{:,.0f}"),
+          "minutes": (minutes_to_solved, "wall time in minutes", "{:.1f}")}
+
+
+def lost(record: dict, baseline: dict[int, dict], lose_on: str = "env-steps") -> bool:
+    """Solved later than the baseline on the same seed (in --lose-on's unit), or not at all where the baseline was;
+    a seed the baseline never ran is no loss."""
     other = baseline.get(record["seed"])
-    return other is not None and steps_to_solved(record) > steps_to_solved(other)
+    sooner = SOONER[lose_on][0]
+    return other is not None and sooner(record) > sooner(other)
 
 
 def baseline_lines(study: Study, records: list[dict]) -> list[str]:
@@ -187,15 +201,16 @@ def baseline_lines(study: Study, records: list[dict]) -> list[str]:
     compared = [r for r in records if r["seed"] in study.baseline]
     if not compared:
         return []
-    lines = ["", f"Against `{study.args.baseline}` on the same seeds (env steps to the passing check):", "",
+    sooner, unit, shown = SOONER[study.args.lose_on]
+    lines = ["", f"Against `{study.args.baseline}` on the same seeds ({unit} to the passing check):", "",
              "| seed | this study | baseline | ratio | lost |", "| --- | --- | --- | --- | --- |"]
     losses = 0
     for record in compared:
-        ours, theirs = steps_to_solved(record), steps_to_solved(study.baseline[record["seed"]])
+        ours, theirs = sooner(record), sooner(study.baseline[record["seed"]])
         ratio = ours / theirs if np.isfinite(ours) and np.isfinite(theirs) else float("nan")
-        cells = [f"{x:,.0f}" if np.isfinite(x) else "not solved" for x in (ours, theirs)]
+        cells = [shown.format(x) if np.isfinite(x) else "not solved" for x in (ours, theirs)]
         shown_ratio = "-" if np.isnan(ratio) else f"{ratio:.2f}"
-        lost_here = lost(record, study.baseline)
+        lost_here = lost(record, study.baseline, study.args.lose_on)
         losses += lost_here
         lines.append(f"| {record['seed']} | {cells[0]} | {cells[1]} | {shown_ratio} | {'yes' if lost_here else 'no'} |")
     lines += ["", f"Lost on {losses} of {len(compared)} seeds."]
@@ -232,7 +247,8 @@ def page(study: Study, seeds: list[int]) -> str:
         f" --train-args {shlex.quote(args.train_args)}" if args.train_args else "") + (
         f" --stop-after-unsolved {args.stop_after_unsolved}" if args.stop_after_unsolved else "") + (
         f" --baseline {args.baseline}" if args.baseline else "") + (
-        f" --stop-after-losses {args.stop_after_losses}" if args.stop_after_losses else "") + "".join(
+        f" --stop-after-losses {args.stop_after_losses}" if args.stop_after_losses else "") + (
+        f" --lose-on {args.lose_on}" if args.lose_on != build_parser().get_default("lose_on") else "") + "".join(
         f" --{name.replace('_', '-')} {getattr(args, name)}" for name in ("unseen_episodes", "unseen_seed")
         if getattr(args, name) != build_parser().get_default(name))
     lines = [f"# Study `{study.name}`", "", provenance(), "",
@@ -289,7 +305,7 @@ def run(study: Study, seeds: list[int]) -> None:
     running: dict[int, subprocess.Popen] = {}
     finished = [study.record(s) for s in seeds if study.finished(s)]
     unsolved = sum(solved_at(record) is None for record in finished)
-    losses = sum(lost(record, study.baseline) for record in finished)
+    losses = sum(lost(record, study.baseline, study.args.lose_on) for record in finished)
     try:
         while waiting or running:
             stop = stop_reason(study.args, unsolved, losses)
@@ -307,7 +323,7 @@ def run(study: Study, seeds: list[int]) -> None:
                 study.finish(seed, process.returncode)
                 record = study.record(seed)
                 unsolved += solved_at(record) is None
-                losses += lost(record, study.baseline)
+                losses += lost(record, study.baseline, study.args.lose_on)
                 paths = write_report(study, seeds)
                 if study.args.commit:
                     commit(paths, f"{study.name}: seed {seed} finished ({' | '.join(row_cells(record))})")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
+from lab.confirm import lost, minutes_to_solved  # noqa: E402
 from lab.launch import start, train_command  # noqa: E402
 from lab.provenance import provenance  # noqa: E402
 from lab.records import commit, parse_seeds  # noqa: E402
@@ -207,6 +208,33 @@ def test_a_pilot_stops_at_its_second_loss_against_the_baseline_on_the_same_seeds
     assert "| 4 | 200 | 200 | 1.00 | no |" in (tmp_path / "docs" / "tie.md").read_text()
     refused = confirm(tmp_path, "--name", "x", "--seeds", "4", "--stop-after-losses", "1")
     assert refused.returncode == 2 and "name one" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_cheaper_design_can_win_on_wall_time_where_it_loses_on_env_steps():
+    cheap = baseline_record(1, 400) | {"segments": [[0.0, 300.0]]}  # twice the env steps in half the minutes
+    today = {1: baseline_record(1, 200) | {"segments": [[0.0, 600.0]]}}
+    assert lost(cheap, today) and lost(cheap, today, "env-steps") and not lost(cheap, today, "minutes")
+    unsolved = cheap | {"target": 10000.0}
+    assert lost(unsolved, today, "minutes") and minutes_to_solved(unsolved) == float("inf")
+    assert not lost(cheap, {2: today[1]}, "minutes")  # a seed the baseline never ran is no loss
+
+
+def test_a_pilot_judged_on_wall_time_shows_minutes_against_the_baseline(tmp_path: Path):
+    (tmp_path / "docs").mkdir()
+    # The baseline took 100 minutes: a real tiny run is sooner, though it needs twice the env steps.
+    slow = baseline_record(1, 200) | {"segments": [[0.0, 6000.0]]}
+    (tmp_path / "docs" / "today.json").write_text(json.dumps({"defaults__seed1": slow}))
+    result = confirm(tmp_path, "--name", "cheap", "--seeds", "1", "--baseline", "today", "--lose-on", "minutes",
+                     "--train-args", f"{TINY} --target-return -10000")
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "docs" / "cheap.md").read_text()
+    assert "--baseline today --lose-on minutes" in page and "(wall time in minutes to the passing check)" in page
+    row = next(line for line in page.splitlines() if line.startswith("| 1 | ") and line.endswith(" |")
+               and "100.0" in line)
+    minutes, baseline, ratio, lost_here = row.strip("| ").split(" | ")[1:]
+    assert 0 < float(minutes) < 5 and baseline == "100.0" and float(ratio) < 0.05 and lost_here == "no"
+    refused = confirm(tmp_path, "--name", "x", "--seeds", "1", "--baseline", "today", "--lose-on", "hours")
+    assert refused.returncode == 2 and "--lose-on" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_an_ablation_configuration_runs_with_its_flags_under_its_own_label(tmp_path: Path):
