@@ -31,6 +31,7 @@ VARIANTS = {
     # The batch size / update-to-data / width trade, judged in wall time to the landed lander (docs/critics.md):
     # a cheaper gradient step that needs more env steps can still land sooner, a dearer one must need fewer.
     "width_128": ["--hidden-size", "128"],
+    "width_192": ["--hidden-size", "192"],
     "batch_128": ["--batch-size", "128"],
     "batch_512": ["--batch-size", "512"],
     "utd_2": ["--updates-per-step", "2"],
