@@ -25,7 +25,7 @@ import numpy as np
 from lab import launch, outcomes
 from lab.configs import CONFIGS, VARIANTS
 from lab.docs_index import require_indexed
-from lab.provenance import provenance
+from lab.provenance import cpu_name, provenance
 from lab.records import commit, parse_seeds, record_threshold, solved_at, threshold_label, wall_minutes
 from lab.tables import load_study, plot_curves, run_name
 from plumbing import (
@@ -150,7 +150,7 @@ class Study:
                       updates=training.updates, cap=config.total_steps,
                       checks=training.target_checks, target=target_return(config),
                       threshold=env_threshold(config.env),
-                      std_errors=config.target_std_errors, target_episodes=config.target_episodes)
+                      std_errors=config.target_std_errors, target_episodes=config.target_episodes, cpu=cpu_name())
         agent, env = load_agent_and_env(final)
         try:
             record["unseen"], kinds = outcomes.play_episodes(agent, env, self.args.unseen_episodes,

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from lab.head_to_head import ENV_ID, OURS, check_config, page_name, preset_target
+from lab.head_to_head import ENV_ID, OURS, check_config, page_name, paired_minutes, preset_target
 from lab.provenance import provenance
 from lab.tables import Curve, draw_curves, seeds_count
 from plumbing import REPO, OneLineErrorParser, fail
@@ -118,13 +118,12 @@ def wall_time(rows: list[dict]) -> str:
 
 
 def wall_time_ratio(peer: list[dict], ours: list[dict]) -> str:
-    """The peer's median wall time over ours on the seeds both ran."""
-    ours_by_seed = {row["seed"]: row["minutes"] for row in ours}
-    paired = [row for row in peer if row["seed"] in ours_by_seed]
+    """The peer's median wall time over ours on the seeds both ran on the same CPU."""
+    paired = paired_minutes(peer, ours)
     if not paired:
-        return ""
-    return (f"{np.median([r['minutes'] for r in paired]) / np.median([ours_by_seed[r['seed']] for r in paired]):.2f}"
-            f" ({seeds_count(len(paired))})")
+        return "not on one CPU" if peer and ours else ""
+    peer_minutes, ours_minutes = zip(*paired)
+    return f"{np.median(peer_minutes) / np.median(ours_minutes):.2f} ({seeds_count(len(paired))})"
 
 
 def budget(env_id: str) -> str:

@@ -523,7 +523,7 @@ class Study:
             env.close()
         record.update(algo=algo, seed=seed, env=self.args.env, cap=self.args.caps[algo], unseen=unseen,
                       crashes=None if kinds is None else sum(kind in outcomes.CRASHES for kind in kinds),
-                      command=shown(self.commands[algo, seed]), commit=code_version())
+                      command=shown(self.commands[algo, seed]), commit=code_version(), cpu=cpu_name())
         self.rows[row_key(algo, seed)] = record
         return record
 
@@ -550,7 +550,7 @@ def confirmation_rows(path: Path, env_id: str = ENV_ID) -> dict[int, dict]:
             "cap": record["cap"], "checks": record["checks"], "evaluations": record.get("evaluations"),
             "unseen": record["unseen"], "crashes": record.get("unseen_crashes"),
             "command": f"python train.py --seed {record['seed']} --threads 1{env}", "commit": None,
-            "source": str(path)}
+            "source": str(path), "cpu": record.get("cpu")}
     return rows
 
 
@@ -635,12 +635,20 @@ def median_or_none(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(np.median(values))
 
 
+def paired_minutes(peer: list[dict], ours: list[dict]) -> list[tuple[float, float]]:
+    """(the peer's wall time, ours) for each peer run whose seed ours ran on the same CPU: wall times compare only
+    there. Rows recorded before rows named their CPU have none, and pair only with each other (those all ran on
+    the AMD EPYC their pages name)."""
+    ours_by_seed = {row["seed"]: row for row in ours}
+    return [(row["minutes"], ours_by_seed[row["seed"]]["minutes"]) for row in peer
+            if row["seed"] in ours_by_seed and ours_by_seed[row["seed"]].get("cpu") == row.get("cpu")]
+
+
 def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     """Per algorithm: solved count, median wall time (an unsolved run counts with its time to the cap), ours'
     median on the same seeds and the ratio of the two, median env steps, and the final agents' quality."""
     algos = [a for a in ALGOS if any(r["algo"] == a for r in rows)]
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in algos}
-    ours = {r["seed"]: r["minutes"] for r in by_algo.get(OURS, [])}
     lines = ["| algorithm | seeds | solved | median wall time (min) | ours on these seeds (min) | x ours | "
              f"median env steps | unseen mean: median | unseen >= {threshold_label([env_threshold(env_id)])}: "
              "median | "
@@ -648,12 +656,12 @@ def summary(rows: list[dict], env_id: str = ENV_ID) -> list[str]:
     for algo, group in by_algo.items():
         minutes = float(np.median([r["minutes"] for r in group]))
         unseen = [np.asarray(r["unseen"]) for r in group]
-        paired = [ours[r["seed"]] for r in group if r["seed"] in ours]
+        paired = paired_minutes(group, by_algo.get(OURS, []))
         if len(paired) == len(group):
-            ours_minutes = float(np.median(paired))
+            ours_minutes = float(np.median([ours for _, ours in paired]))
             same_seeds = f"{ours_minutes:.1f} | {minutes / ours_minutes:.2f}"
         else:
-            same_seeds = "n/a | n/a"  # a ratio to ours only where ours ran every one of these seeds
+            same_seeds = "n/a | n/a"  # a ratio to ours only where ours ran every one of these seeds on the same CPU
         solved = "-" if preset_target(env_id) is None else sum(r["solved"] for r in group)
         lines.append(f"| {algo} | {seed_list([r['seed'] for r in group])} | {solved} | "
                      f"{minutes:.1f} | {same_seeds} | {np.median([r['steps'] for r in group]):,.0f} | "
@@ -711,6 +719,18 @@ def stop_terms(env_id: str) -> str:
             f"errors >= {target:g}). ")
 
 
+def cpus_named(rows: list[dict]) -> list[str]:
+    """Which CPU each run used, where the rows name more than one: the header names only the last writer's."""
+    runs_by_cpu: dict[str, list[str]] = {}
+    for row in rows:
+        cpu = row.get("cpu") or "a CPU its row does not name"
+        runs_by_cpu.setdefault(cpu, []).append(f"{row['algo']} {row['seed']}")
+    if len(runs_by_cpu) < 2:
+        return []
+    return ["", "The runs used more than one CPU, and wall times are compared only between runs on the same one: "
+            + "; ".join(f"{', '.join(runs)} on {cpu}" for cpu, runs in runs_by_cpu.items()) + "."]
+
+
 def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
     ordered = sorted(rows.values(), key=lambda r: (ALGOS.index(r["algo"]), r["seed"]))
     header_cells = columns(env_id)
@@ -736,6 +756,7 @@ def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
               "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
     if commits:
         lines += ["", f"Other rows ran at commit(s) {', '.join(commits)}."]
+    lines += cpus_named(ordered)
     if sources:
         lines += ["", f"Our rows come from the default run's confirmation on this CPU, {', '.join(sources)} (two runs "
                   "at a time, one thread each; its page names the commits), and are not run again here. Their wall "

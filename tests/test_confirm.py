@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="the lab tools plot with matplotlib: pip install -r requirements-study.txt")
 from lab.confirm import lost, minutes_to_solved  # noqa: E402
 from lab.launch import start, train_command  # noqa: E402
-from lab.provenance import provenance  # noqa: E402
+from lab.provenance import cpu_name, provenance  # noqa: E402
 from lab.records import commit, parse_seeds  # noqa: E402
 from sac_model import SACError, read_checkpoint  # noqa: E402
 
@@ -143,6 +143,7 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     assert [len(results[f"defaults__seed{s}"]["unseen"]) for s in (3, 4)] == [3, 3]
     seed3 = results["defaults__seed3"]
     assert seed3["env"] == "Pendulum-v1" and [e[0] for e in seed3["evaluations"]] == [200]  # the curve, per eval
+    assert seed3["cpu"] == cpu_name()  # where its wall time was measured
     # A record written before lab.confirm kept env and curve gets both from its final checkpoint, still here.
     (tmp_path / "docs" / "pilot.json").write_text(json.dumps(
         {**results, "defaults__seed3": {k: v for k, v in seed3.items() if k not in ("env", "evaluations")}}))

@@ -62,6 +62,15 @@ def test_a_ratio_on_one_shared_seed_says_seed_in_the_singular(tmp_path: Path):
     assert walker.endswith("| 3.00 (1 seed) |")
 
 
+def test_runs_on_different_cpus_give_no_wall_time_ratio(tmp_path: Path):
+    rows = [{**run("ours", 0, 50.0, [300.0]), "cpu": "AMD EPYC"},
+            {**run("sac", 0, 150.0, [280.0]), "cpu": "Intel Xeon"}]
+    (tmp_path / "head_to_head_BipedalWalker-v3.json").write_text(
+        json.dumps({"rows": {f"{r['algo']}/{r['seed']}": r for r in rows}}))
+    bipedal = next(line for line in measured_table(tmp_path) if line.startswith("| BipedalWalker-v3 |"))
+    assert bipedal.endswith("| 280.0 (280.0 to 280.0) | 150.0 | not on one CPU |")
+
+
 def test_a_runs_budget_is_its_envs_preset():
     assert budget("LunarLanderContinuous-v3") == "until 260 (at most 300k)"
     assert budget("BipedalWalker-v3") == "until 300 (at most 500k)"

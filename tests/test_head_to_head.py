@@ -22,9 +22,9 @@ from stable_baselines3 import SAC  # noqa: E402
 
 import lab.head_to_head as head_to_head  # noqa: E402
 from lab.head_to_head import (  # noqa: E402
-    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, finished_message, main,
-    make_check_callback, model_kwargs, page, parse_caps, parse_python_kwargs, parse_schedule, read_zoo_entry,
-    row_cells, side_by_side, summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
+    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, cpus_named, finished_message,
+    main, make_check_callback, model_kwargs, page, paired_minutes, parse_caps, parse_python_kwargs, parse_schedule,
+    read_zoo_entry, row_cells, side_by_side, summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
 from sac_model import (  # noqa: E402
     EVAL_SEED_OFFSET, TARGET_SEED_OFFSET, SACConfig, SACError, evaluate_policy, make_env, target_return,
@@ -275,7 +275,7 @@ def confirmation_record(seed: int, target: float = 260.0) -> dict:
     """A finished row of lab.confirm's results file: two processes of 6 and 4 minutes, solved at 90,000."""
     return {"seed": seed, "segments": [[0.0, 360.0], [1000.0, 1240.0]], "steps": 90_000, "updates": 89_000,
             "cap": 300_000, "checks": [[90_000, 270.0, 20.0]], "target": target, "std_errors": 2.0,
-            "target_episodes": 100, "unseen": [265.0, 255.0], "unseen_crashes": 1}
+            "target_episodes": 100, "unseen": [265.0, 255.0], "unseen_crashes": 1, "cpu": "AMD EPYC"}
 
 
 def test_our_rows_come_from_the_default_runs_confirmation(tmp_path: Path):
@@ -284,6 +284,7 @@ def test_our_rows_come_from_the_default_runs_confirmation(tmp_path: Path):
                                    "defaults__seed2": {"seed": 2, "segments": [[0.0, None]]}}))  # still running
     rows = confirmation_rows(results)
     assert list(rows) == [1] and rows[1]["minutes"] == pytest.approx(10.0) and rows[1]["solved"]
+    assert rows[1]["cpu"] == "AMD EPYC"  # the CPU its confirmation ran on travels with the row
     assert row_cells(rows[1]) == ["ours", "1", "90,000", "89,000", "10.0", "yes", "270.0 +/- 20.0", "260.0", "5.0",
                                   "2", "0", "1"]
     args = type("Args", (), {"output": str(tmp_path / "h2h.md"), "work_dir": str(tmp_path / "w"),
@@ -317,6 +318,22 @@ def test_the_table_and_summary_give_medians_and_ratios_to_ours():
     text = page({f"{r['algo']}/{r['seed']}": r for r in reversed(rows)}, ["# head", ""])
     table = [line for line in text.splitlines() if line.startswith("| ours |") or line.startswith("| sac |")]
     assert [line.split(" | ")[1] for line in table[:5]] == ["1", "2", "3", "1", "2"]  # ordered by algorithm, seed
+
+
+def test_wall_times_compare_only_between_runs_on_the_same_cpu():
+    ours = [dict(row("ours", 1, 10.0), cpu="AMD EPYC"), dict(row("ours", 2, 20.0), cpu="AMD EPYC")]
+    peers = [dict(row("sac", 1, 40.0), cpu="AMD EPYC"), dict(row("sac", 2, 90.0), cpu="Intel Xeon")]
+    assert paired_minutes(peers, ours) == [(40.0, 10.0)]
+    lines = summary(ours + peers)
+    assert lines[3].startswith("| sac | 1, 2 | 2 | 65.0 | n/a | n/a |")  # seed 2 ran elsewhere: no ratio
+    assert summary(ours + peers[:1])[3].startswith("| sac | 1 | 1 | 40.0 | 10.0 | 4.00 |")
+    assert cpus_named(ours + peers) == [
+        "", "The runs used more than one CPU, and wall times are compared only between runs on the same one: "
+        "ours 1, ours 2, sac 1 on AMD EPYC; sac 2 on Intel Xeon."]
+    assert cpus_named(ours) == []
+    # rows from before rows named their CPU pair only with each other
+    assert paired_minutes([row("sac", 1, 40.0)], [row("ours", 1, 10.0)]) == [(40.0, 10.0)]
+    assert paired_minutes([row("sac", 1, 40.0)], ours) == []
 
 
 def test_a_rerun_skips_the_finished_rows(tmp_path: Path, capsys):
