@@ -25,7 +25,7 @@ import numpy as np
 from lab import launch, outcomes
 from lab.configs import CONFIGS, VARIANTS
 from lab.docs_index import require_indexed
-from lab.provenance import cpu_name, provenance
+from lab.provenance import cpu_name, cpus_named, provenance
 from lab.records import commit, parse_seeds, record_threshold, solved_at, threshold_label, wall_minutes
 from lab.tables import load_study, plot_curves, run_name
 from plumbing import (
@@ -261,6 +261,7 @@ def page(study: Study, seeds: list[int]) -> str:
              "| < 0 | crashes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row_cells(record)) + " |" for record in records]
+    lines += cpus_named({f"seed {r['seed']}": r.get("cpu") for r in records})
     if records:
         solved = [solved_at(r) for r in records]
         steps = [s if s is not None else np.inf for s in solved]

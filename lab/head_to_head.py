@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from lab import launch, outcomes
-from lab.provenance import cpu_name
+from lab.provenance import cpu_name, cpus_named
 from lab.records import commit, parse_seeds, solved_at, threshold_label, wall_minutes
 from plumbing import CHECKPOINTS_DIR, REPO, OneLineErrorParser, TrainingState, code_version, fail, final_checkpoint
 from sac_model import (
@@ -719,18 +719,6 @@ def stop_terms(env_id: str) -> str:
             f"errors >= {target:g}). ")
 
 
-def cpus_named(rows: list[dict]) -> list[str]:
-    """Which CPU each run used, where the rows name more than one: the header names only the last writer's."""
-    runs_by_cpu: dict[str, list[str]] = {}
-    for row in rows:
-        cpu = row.get("cpu") or "a CPU its row does not name"
-        runs_by_cpu.setdefault(cpu, []).append(f"{row['algo']} {row['seed']}")
-    if len(runs_by_cpu) < 2:
-        return []
-    return ["", "The runs used more than one CPU, and wall times are compared only between runs on the same one: "
-            + "; ".join(f"{', '.join(runs)} on {cpu}" for cpu, runs in runs_by_cpu.items()) + "."]
-
-
 def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
     ordered = sorted(rows.values(), key=lambda r: (ALGOS.index(r["algo"]), r["seed"]))
     header_cells = columns(env_id)
@@ -756,7 +744,7 @@ def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
               "Each row's command and the zoo entry a peer read are in the JSON sidecar."]
     if commits:
         lines += ["", f"Other rows ran at commit(s) {', '.join(commits)}."]
-    lines += cpus_named(ordered)
+    lines += cpus_named({f"{r['algo']} {r['seed']}": r.get("cpu") for r in ordered})
     if sources:
         lines += ["", f"Our rows come from the default run's confirmation on this CPU, {', '.join(sources)} (two runs "
                   "at a time, one thread each; its page names the commits), and are not run again here. Their wall "

@@ -20,6 +20,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "an unknown CPU"
 
 
+def cpus_named(cpu_by_run: dict[str, str | None]) -> list[str]:
+    """Which CPU each run used, where a page's runs used more than one (its head names only its last writer's):
+    wall times compare only between runs on the same CPU."""
+    runs_by_cpu: dict[str, list[str]] = {}
+    for run, cpu in cpu_by_run.items():
+        runs_by_cpu.setdefault(cpu or "a CPU its record does not name", []).append(run)
+    if len(runs_by_cpu) < 2:
+        return []
+    return ["", "The runs used more than one CPU, and wall times compare only between runs on the same one: "
+            + "; ".join(f"{', '.join(runs)} on {cpu}" for cpu, runs in runs_by_cpu.items()) + "."]
+
+
 def machine() -> str:
     """The CPU model and how many logical cores the operating system counts."""
     return f"{cpu_name()}, {os.cpu_count() or 'an unknown number of'} logical cores"

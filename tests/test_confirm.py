@@ -150,6 +150,13 @@ def test_confirmation_rows_appear_per_finished_seed_and_a_rerun_starts_nothing(t
     report = confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--report-only")
     assert report.returncode == 0, report.stderr
     assert json.loads((tmp_path / "docs" / "pilot.json").read_text())["defaults__seed3"] == seed3
+    assert "more than one CPU" not in (tmp_path / "docs" / "pilot.md").read_text()
+    # A seed that ran on another machine: the page says which CPU each run used.
+    results = json.loads((tmp_path / "docs" / "pilot.json").read_text())
+    results["defaults__seed4"]["cpu"] = "Another CPU"
+    (tmp_path / "docs" / "pilot.json").write_text(json.dumps(results))
+    assert confirm(tmp_path, "--name", "pilot", "--seeds", "3-4", "--report-only").returncode == 0
+    assert f"seed 3 on {cpu_name()}; seed 4 on Another CPU." in (tmp_path / "docs" / "pilot.md").read_text()
 
     # lab.diagnose on one of these runs: Pendulum's one 200-step episode ended at its time limit, not in a crash.
     run_dir = tmp_path / "studies" / "pilot" / "runs" / "defaults__seed3"

@@ -22,7 +22,7 @@ from stable_baselines3 import SAC  # noqa: E402
 
 import lab.head_to_head as head_to_head  # noqa: E402
 from lab.head_to_head import (  # noqa: E402
-    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, cpus_named, finished_message,
+    ENV_ID, LinearSchedule, SB3Actor, Study, ZooError, check_config, confirmation_rows, finished_message,
     main, make_check_callback, model_kwargs, page, paired_minutes, parse_caps, parse_python_kwargs, parse_schedule,
     read_zoo_entry, row_cells, side_by_side, summary, train_peer, zoo_hyperparams, zoo_hyperparams_file,
 )
@@ -327,10 +327,10 @@ def test_wall_times_compare_only_between_runs_on_the_same_cpu():
     lines = summary(ours + peers)
     assert lines[3].startswith("| sac | 1, 2 | 2 | 65.0 | n/a | n/a |")  # seed 2 ran elsewhere: no ratio
     assert summary(ours + peers[:1])[3].startswith("| sac | 1 | 1 | 40.0 | 10.0 | 4.00 |")
-    assert cpus_named(ours + peers) == [
-        "", "The runs used more than one CPU, and wall times are compared only between runs on the same one: "
-        "ours 1, ours 2, sac 1 on AMD EPYC; sac 2 on Intel Xeon."]
-    assert cpus_named(ours) == []
+    text = page({f"{r['algo']}/{r['seed']}": r for r in ours + peers}, ["# head", ""])
+    assert ("The runs used more than one CPU, and wall times compare only between runs on the same one: "
+            "ours 1, ours 2, sac 1 on AMD EPYC; sac 2 on Intel Xeon.") in text
+    assert "more than one CPU" not in page({f"ours/{r['seed']}": r for r in ours}, ["# head", ""])
     # rows from before rows named their CPU pair only with each other
     assert paired_minutes([row("sac", 1, 40.0)], [row("ours", 1, 10.0)]) == [(40.0, 10.0)]
     assert paired_minutes([row("sac", 1, 40.0)], ours) == []
