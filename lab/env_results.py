@@ -133,21 +133,24 @@ def budget(env_id: str) -> str:
     return f"{steps} env steps" if target is None else f"until {target:g} (at most {steps})"
 
 
-def seeds(rows: list[dict]) -> str:
-    return ", ".join(str(row["seed"]) for row in rows) or "-"
+def seeds(rows: list[dict], env_id: str = ENV_ID) -> str:
+    """The seeds of the rows, each with its cap where the run was capped below the env's budget."""
+    budget_steps = check_config(0, env_id).total_steps
+    return ", ".join(f"{row['seed']}" + (f" (cap {row['cap'] / 1000:g}k)" if row.get("cap", budget_steps) < budget_steps
+                                        else "") for row in rows) or "-"
 
 
 def measured_table(results: Path = RESULTS) -> list[str]:
-    """Ours against SB3's zoo-tuned SAC, per env, on this CPU: final agents and wall time per run."""
+    """Ours against SB3's zoo-tuned SAC, per env: final agents and wall time per run."""
     lines = ["| env | budget | ours: seeds | ours: unseen return, median (range) | ours: min per run | "
              "SB3 SAC (zoo): seeds | SB3 SAC: unseen return, median (range) | SB3 SAC: min per run | "
              "SB3 SAC / ours, wall time |", "| --- " * 9 + "|"]
     for env in ENVS:
         rows = page_rows(env, results)
         ours, peer = rows.get(OURS, []), rows.get(PEER, [])
-        lines.append(f"| {env.env} | {budget(env.env)} | {seeds(ours)} | {quality(ours)} | {wall_time(ours)} | "
-                     f"{seeds(peer)} | {quality(peer) if ours or peer else ''} | {wall_time(peer)} | "
-                     f"{wall_time_ratio(peer, ours)} |")
+        lines.append(f"| {env.env} | {budget(env.env)} | {seeds(ours, env.env)} | {quality(ours)} | "
+                     f"{wall_time(ours)} | {seeds(peer, env.env)} | {quality(peer) if ours or peer else ''} | "
+                     f"{wall_time(peer)} | {wall_time_ratio(peer, ours)} |")
     return lines
 
 

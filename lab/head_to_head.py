@@ -746,7 +746,7 @@ def page(rows: dict[str, dict], head: list[str], env_id: str = ENV_ID) -> str:
         lines += ["", f"Other rows ran at commit(s) {', '.join(commits)}."]
     lines += cpus_named({f"{r['algo']} {r['seed']}": r.get("cpu") for r in ordered})
     if sources:
-        lines += ["", f"Our rows come from the default run's confirmation on this CPU, {', '.join(sources)} (two runs "
+        lines += ["", f"Our rows come from the default run's confirmation, {', '.join(sources)} (two runs "
                   "at a time, one thread each; its page names the commits), and are not run again here. Their wall "
                   "time is summed over the processes of a resumed run."]
     return "\n".join(lines) + "\n"

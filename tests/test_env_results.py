@@ -64,11 +64,12 @@ def test_a_ratio_on_one_shared_seed_says_seed_in_the_singular(tmp_path: Path):
 
 def test_runs_on_different_cpus_give_no_wall_time_ratio(tmp_path: Path):
     rows = [{**run("ours", 0, 50.0, [300.0]), "cpu": "AMD EPYC"},
-            {**run("sac", 0, 150.0, [280.0]), "cpu": "Intel Xeon"}]
+            {**run("sac", 0, 150.0, [280.0]), "cpu": "Intel Xeon", "cap": 200_000}]
     (tmp_path / "head_to_head_BipedalWalker-v3.json").write_text(
         json.dumps({"rows": {f"{r['algo']}/{r['seed']}": r for r in rows}}))
     bipedal = next(line for line in measured_table(tmp_path) if line.startswith("| BipedalWalker-v3 |"))
-    assert bipedal.endswith("| 280.0 (280.0 to 280.0) | 150.0 | not on one CPU |")
+    # and a run capped below the env's budget (500k here) says where it stopped
+    assert bipedal.endswith("| 0 (cap 200k) | 280.0 (280.0 to 280.0) | 150.0 | not on one CPU |")
 
 
 def test_a_runs_budget_is_its_envs_preset():
