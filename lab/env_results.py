@@ -136,8 +136,12 @@ def budget(env_id: str) -> str:
 def seeds(rows: list[dict], env_id: str = ENV_ID) -> str:
     """The seeds of the rows, each with its cap where the run was capped below the env's budget."""
     budget_steps = check_config(0, env_id).total_steps
-    return ", ".join(f"{row['seed']}" + (f" (cap {row['cap'] / 1000:g}k)" if row.get("cap", budget_steps) < budget_steps
-                                        else "") for row in rows) or "-"
+
+    def shown(row: dict) -> str:
+        capped = row.get("cap", budget_steps) < budget_steps
+        return f"{row['seed']} (cap {row['cap'] / 1000:g}k)" if capped else str(row["seed"])
+
+    return ", ".join(map(shown, rows)) or "-"
 
 
 def measured_table(results: Path = RESULTS) -> list[str]:
